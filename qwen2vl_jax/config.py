@@ -1,0 +1,241 @@
+"""Model configuration: dataclasses, presets, and the Hugging Face `config.json` reader/writer.
+
+Numbers follow REFERENCE.md section 9 (published configs) and section 2.1 (the fixed vision tower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a Qwen2-VL model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32                    # ViT blocks
+    embed_dim: int = 1280              # ViT width E
+    num_heads: int = 16                # head_dim = E / num_heads = 80
+    mlp_ratio: float = 4.0             # MLP hidden = int(E * mlp_ratio)
+    hidden_size: int = 3584            # merger output = LLM hidden size (REFERENCE 2.1: not the ViT width)
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0        # 2D RoPE base, hard-coded in the reference
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:  # 3 * 2 * 14 * 14 = 1176 columns per patch row
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:  # patches per merged token (4)
+        return self.spatial_merge_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584            # D
+    intermediate_size: int = 18944     # SwiGLU hidden
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6         # the HF class default 1e-5 is a trap (REFERENCE 5)
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)   # t, h, w rotary pairs; sums to head_dim / 2
+    max_position_embeddings: int = 32768
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    tie_word_embeddings: bool = False  # True for 2B: lm_head is the embedding matrix
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vision_token_id: int = 151654
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **kw) -> "Qwen2VLConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json ------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "Qwen2VLConfig":
+        return from_hf_dict(d, source)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Qwen2VLConfig":
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL checkpoint directory") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return from_hf_dict(d, file)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return to_hf_dict(self)
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+
+
+def validate(c: Qwen2VLConfig) -> None:
+    v, t = c.vision, c.text
+    problems = []
+    if t.hidden_size % t.num_attention_heads:
+        problems.append(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+    elif sum(t.mrope_section) * 2 != t.head_dim:
+        problems.append(f"mrope_section {list(t.mrope_section)} sums to {sum(t.mrope_section)}, "
+                        f"but must sum to head_dim/2 = {t.head_dim // 2}")
+    if len(t.mrope_section) != 3:
+        problems.append(f"mrope_section must have 3 entries (t, h, w), got {list(t.mrope_section)}")
+    if t.num_attention_heads % t.num_key_value_heads:
+        problems.append(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
+                        f"num_key_value_heads {t.num_key_value_heads}")
+    if v.embed_dim % v.num_heads:
+        problems.append(f"vision embed_dim {v.embed_dim} is not divisible by num_heads {v.num_heads}")
+    elif v.head_dim % 4:
+        problems.append(f"vision head_dim {v.head_dim} must be a multiple of 4 for the 2D RoPE (h and w halves)")
+    if v.hidden_size != t.hidden_size:
+        problems.append(f"vision hidden_size (merger output) {v.hidden_size} != text hidden_size {t.hidden_size}")
+    if v.hidden_act != "quick_gelu":
+        problems.append(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
+    if t.hidden_act != "silu":
+        problems.append(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2-VL uses silu)")
+    for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
+        if not 0 <= getattr(c, name) < t.vocab_size:
+            problems.append(f"{name} {getattr(c, name)} is outside the vocabulary (vocab_size {t.vocab_size})")
+    if problems:
+        raise ConfigError("invalid Qwen2-VL config: " + "; ".join(problems))
+
+
+# -- presets (REFERENCE 9 and 13) -----------------------------------------------------------------
+
+def _preset(D, layers, heads, kv, inter, vocab, tied) -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        vision=VisionConfig(hidden_size=D),
+        text=TextConfig(vocab_size=vocab, hidden_size=D, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv),
+        tie_word_embeddings=tied)
+
+
+def tiny(vocab_size: int = 1000) -> Qwen2VLConfig:
+    """The tiny random model of REFERENCE 13 (special tokens at the top of a 1000-entry vocabulary)."""
+    return Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, hidden_size=64),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3),
+                        max_position_embeddings=4096),
+        bos_token_id=0, eos_token_id=1, pad_token_id=0,
+        vision_start_token_id=vocab_size - 10, vision_end_token_id=vocab_size - 9, vision_token_id=vocab_size - 5,
+        image_token_id=vocab_size - 8, video_token_id=vocab_size - 7)
+
+
+PRESETS = {
+    "tiny": tiny,
+    "2b": lambda: _preset(1536, 28, 12, 2, 8960, 151936, True),
+    "7b": lambda: _preset(3584, 28, 28, 4, 18944, 152064, False),
+    "72b": lambda: _preset(8192, 80, 64, 8, 29568, 152064, False),
+}
+
+
+def preset(name: str) -> Qwen2VLConfig:
+    try:
+        return PRESETS[name.lower()]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# -- HF config.json in both forms --------------------------------------------------------------------
+
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act")
+_VISION_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "hidden_size", "in_channels", "patch_size",
+                "temporal_patch_size", "spatial_merge_size", "hidden_act")
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id", "vision_end_token_id",
+               "vision_token_id", "image_token_id", "video_token_id")
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
+    """Read an HF Qwen2-VL config: the flat legacy form (text keys at the root, `rope_scaling`) or the
+    nested 5.x form (`text_config` with `rope_parameters`)."""
+    model_type = d.get("model_type")
+    if model_type != "qwen2_vl":
+        raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'qwen2_vl' (Qwen2-VL). "
+                          "Qwen2.5-VL and other families are not supported by this loader.")
+    nested = d.get("text_config") or {}
+    # Nested (5.x) values win over flat ones; flat-only files have no (or a default) text_config.
+    text_src = {**d, **{k: v for k, v in nested.items() if k in _TEXT_KEYS or k in ("rope_parameters", "rope_scaling")}}
+    rope = text_src.get("rope_parameters") or text_src.get("rope_scaling") or {}
+    text_kw = {k: text_src[k] for k in _TEXT_KEYS if k in text_src}
+    if "rope_theta" in rope and "rope_theta" not in text_kw:
+        text_kw["rope_theta"] = rope["rope_theta"]
+    # REFERENCE 6: the reference hard-wires [16, 24, 24] when the section is missing.
+    text_kw["mrope_section"] = tuple(rope.get("mrope_section", (16, 24, 24)))
+    vd = dict(d.get("vision_config") or {})
+    if "in_chans" in vd and "in_channels" not in vd:
+        vd["in_channels"] = vd["in_chans"]
+    vision_kw = {k: vd[k] for k in _VISION_KEYS if k in vd}
+    tok_src = {**d, **{k: v for k, v in nested.items() if k in _TOKEN_KEYS}}
+    tok_kw = {k: tok_src[k] for k in _TOKEN_KEYS if isinstance(tok_src.get(k), int)}
+    tie = d.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
+    try:
+        return Qwen2VLConfig(vision=VisionConfig(**vision_kw), text=TextConfig(**text_kw),
+                             tie_word_embeddings=bool(tie), **tok_kw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:
+    """The flat legacy form that the published checkpoints use and transformers 4.x and 5.x both read."""
+    t, v = c.text, c.vision
+    d: dict[str, Any] = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        **{k: getattr(t, k) for k in _TEXT_KEYS},
+        "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": t.max_position_embeddings,
+        "max_window_layers": t.num_hidden_layers,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        **{k: getattr(c, k) for k in _TOKEN_KEYS if k != "pad_token_id"},
+        "vision_config": {**{k: getattr(v, k) for k in _VISION_KEYS}, "model_type": "qwen2_vl"},
+    }
+    return d

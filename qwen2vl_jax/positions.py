@@ -1,0 +1,112 @@
+"""Host-side (numpy) position maths shared by the data pipeline and the model's HF-style entry point.
+
+- `rope_index`: the LLM's 3-stream M-RoPE position ids, original Qwen convention (REFERENCE 7.1).
+- `vision_patch_positions`: the ViT's 2D (h, w) rotary positions per patch row (REFERENCE 2.4).
+- `vision_patch_segments`: one attention segment per image and per temporal slice (REFERENCE 2.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_grid(grid) -> np.ndarray:
+    if grid is None:
+        return np.zeros((0, 3), np.int64)
+    return np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+    """M-RoPE position ids `(3, B, L)` and `rope_deltas` `(B,)`, as transformers 4.57 `get_rope_index`.
+
+    Tokens with `attention_mask == 0` (left or right padding) get position 1, as in the reference; they are
+    masked out of attention. Grids are consumed in order of appearance across the whole batch (row-major).
+    `rope_deltas[b] = max(positions[:, b]) + 1 - L`, so decode step k of row b uses `L + k + rope_deltas[b]`.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    B, L = ids.shape
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).reshape(B, L).astype(bool)
+    images, videos = _as_grid(image_grid_thw), _as_grid(video_grid_thw)
+    if len(images) == 0 and len(videos) == 0:
+        pos = np.cumsum(mask, axis=-1) - 1
+        pos = np.where(mask, pos, 1)
+        deltas = pos.max(-1) + 1 - L
+        return np.broadcast_to(pos, (3, B, L)).astype(np.int32).copy(), deltas.astype(np.int32)
+
+    m = config.vision.spatial_merge_size
+    positions = np.ones((3, B, L), np.int64)
+    deltas = np.zeros(B, np.int64)
+    image_i = video_i = 0
+    for b in range(B):
+        tokens = ids[b][mask[b]]
+        starts = np.flatnonzero(tokens[:-1] == config.vision_start_token_id)
+        kinds = tokens[starts + 1]
+        n_img = int((kinds == config.image_token_id).sum())
+        n_vid = int((kinds == config.video_token_id).sum())
+        chunks, st, next_pos = [], 0, 0
+        img_left, vid_left = n_img, n_vid
+        for _ in range(n_img + n_vid):
+            ed_img = _find(tokens, config.image_token_id, st) if img_left else len(tokens) + 1
+            ed_vid = _find(tokens, config.video_token_id, st) if vid_left else len(tokens) + 1
+            if ed_img < ed_vid:
+                if image_i >= len(images):
+                    raise ValueError(f"row {b}: more image spans in input_ids than rows in image_grid_thw "
+                                     f"({len(images)})")
+                t, h, w = images[image_i]
+                image_i, img_left, ed = image_i + 1, img_left - 1, ed_img
+            else:
+                if video_i >= len(videos):
+                    raise ValueError(f"row {b}: more video spans in input_ids than rows in video_grid_thw "
+                                     f"({len(videos)})")
+                t, h, w = videos[video_i]
+                video_i, vid_left, ed = video_i + 1, vid_left - 1, ed_vid
+            gt, gh, gw = int(t), int(h) // m, int(w) // m
+            text_len = ed - st
+            chunks.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
+            base = next_pos + text_len
+            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+            chunks.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + base)
+            # Text after a vision span continues at max + 1 = base + max(T, Hm, Wm) (the 4.57 convention).
+            next_pos = base + max(gt, gh, gw)
+            st = ed + gt * gh * gw
+        if st < len(tokens):
+            chunks.append(np.broadcast_to(np.arange(len(tokens) - st) + next_pos, (3, len(tokens) - st)))
+        pos = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
+        if pos.shape[1] != len(tokens):
+            raise ValueError(f"row {b}: a vision span runs past the end of the sequence "
+                             f"({pos.shape[1]} positions for {len(tokens)} tokens); the grids do not match "
+                             "the number of image/video pad tokens")
+        positions[:, b, mask[b]] = pos
+        deltas[b] = (pos.max() + 1 if pos.size else 0) - L
+    return positions.astype(np.int32), deltas.astype(np.int32)
+
+
+def _find(tokens: np.ndarray, value: int, start: int) -> int:
+    hits = np.flatnonzero(tokens[start:] == value)
+    return int(hits[0]) + start if len(hits) else len(tokens) + 1
+
+
+def vision_patch_positions(grid_thw, merge_size: int = 2) -> np.ndarray:
+    """(sum t*h*w, 2) int32 [hpos, wpos] per patch row, rows in merge-window order (REFERENCE 2.4)."""
+    out = []
+    for t, h, w in _as_grid(grid_thw):
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        def order(a):
+            return a.reshape(h // merge_size, merge_size, w // merge_size, merge_size).transpose(0, 2, 1, 3).ravel()
+        block = np.stack([order(hpos), order(wpos)], axis=-1)
+        out.append(np.tile(block, (int(t), 1)))
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 2), np.int32)
+
+
+def vision_patch_segments(grid_thw, first_id: int = 1) -> np.ndarray:
+    """(sum t*h*w,) int32 segment ids: each temporal slice of each image/video is its own segment."""
+    sizes = [int(h * w) for t, h, w in _as_grid(grid_thw) for _ in range(int(t))]
+    return np.repeat(np.arange(first_id, first_id + len(sizes)), sizes).astype(np.int32)
+
+
+def merged_token_count(grid_thw, merge_size: int = 2) -> np.ndarray:
+    """Merged (LLM) tokens per image/video: t * h * w / merge_size**2."""
+    g = _as_grid(grid_thw)
+    return (g[:, 0] * g[:, 1] * g[:, 2]) // (merge_size ** 2)
