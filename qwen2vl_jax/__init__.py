@@ -2,3 +2,6 @@
 
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig, ConfigError, preset
 from qwen2vl_jax.positions import rope_index
+from qwen2vl_jax.api import Qwen2VL, load_pretrained
+from qwen2vl_jax.inputs import InputError, batch_from_hf
+from qwen2vl_jax.hf import CheckpointError

@@ -1,0 +1,134 @@
+"""The user-facing model object: `load_pretrained`, `Qwen2VL(...)`, HF-compatible calls, `save_pretrained`."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2vl_jax import hf
+from qwen2vl_jax.config import ConfigError, Qwen2VLConfig
+from qwen2vl_jax.inputs import batch_from_hf
+from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+
+# Keys of the packed batch format the model reads (the rest — labels, loss_mask, example_index — are not).
+MODEL_KEYS = ("input_ids", "positions", "segment_ids", "patches", "patch_segment_ids", "patch_positions",
+              "vision_index")
+
+
+def _dtype(d) -> Any:
+    if isinstance(d, str):
+        try:
+            return {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                    "float16": jnp.float16}[d]
+        except KeyError:
+            raise ValueError(f"unknown dtype {d!r}; use 'float32' or 'bfloat16'") from None
+    return d
+
+
+def dummy_batch(config: Qwen2VLConfig, batch: int = 1, text_len: int = 8, patch_len: int = 4) -> dict:
+    """Smallest packed batch that touches every parameter (used for init and shape inference)."""
+    return {
+        "input_ids": jnp.zeros((batch, text_len), jnp.int32),
+        "positions": jnp.zeros((3, batch, text_len), jnp.int32),
+        "segment_ids": jnp.ones((batch, text_len), jnp.int32),
+        "patches": jnp.zeros((batch, patch_len, config.vision.patch_dim), jnp.float32),
+        "patch_segment_ids": jnp.ones((batch, patch_len), jnp.int32),
+        "patch_positions": jnp.zeros((batch, patch_len, 2), jnp.int32),
+        "vision_index": jnp.full((batch, text_len), -1, jnp.int32),
+    }
+
+
+def abstract_params(module: Qwen2VLModule):
+    """Boxed (LogicallyPartitioned) param shapes, without allocating anything."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(module.config))["params"])
+
+
+def logical_specs(module: Qwen2VLModule):
+    """Pytree of logical PartitionSpecs matching the params."""
+    return nn.get_partition_spec(abstract_params(module))
+
+
+class Qwen2VL:
+    """A Qwen2-VL model: config + params + the jitted functions that use them.
+
+    `dtype` is the compute dtype; params keep whatever dtype they were created or loaded in.
+    """
+
+    def __init__(self, config: Qwen2VLConfig, params, dtype="float32", remat: str | None = None,
+                 attn_impl: str = "xla"):
+        self.config = config
+        self.params = params
+        self.dtype = _dtype(dtype)
+        param_dtype = jax.tree.leaves(params)[0].dtype if params is not None else jnp.float32
+        self.module = Qwen2VLModule(config, dtype=self.dtype, param_dtype=param_dtype, remat=remat,
+                                    attn_impl=attn_impl)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, config: Qwen2VLConfig, seed: int = 0, dtype="float32", param_dtype="float32", **kw) -> "Qwen2VL":
+        """Random init (normal(0.02) kernels, unit norms), e.g. for tests and training from scratch."""
+        module = Qwen2VLModule(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype))
+        params = jax.jit(lambda k: nn.meta.unbox(module.init(k, dummy_batch(config))["params"]))(
+            jax.random.key(seed))
+        return cls(config, params, dtype=dtype, **kw)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _logits_fn(self):
+        return jax.jit(lambda params, batch: self.module.apply({"params": params}, batch))
+
+    def packed_logits(self, rows: dict) -> jax.Array:
+        """Logits (B, L, vocab) of a packed batch (DESIGN.md format; extra keys are ignored)."""
+        batch = {k: jnp.asarray(rows[k]) for k in MODEL_KEYS if rows.get(k) is not None}
+        return self._logits_fn(self.params, batch)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
+        """HF-compatible forward: logits (B, L, vocab). Inputs are numpy/torch-like arrays."""
+        batch, _ = batch_from_hf(self.config, _np(input_ids), _np(attention_mask), _np(pixel_values),
+                                 _np(image_grid_thw), _np(pixel_values_videos), _np(video_grid_thw))
+        return self.packed_logits(batch)
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
+        """Write the HF layout (config.json + safetensors) that transformers loads."""
+        hf.save_params(self.params, self.config, path, max_shard_bytes)
+
+
+def _np(x):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):   # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, **kw) -> Qwen2VL:
+    """Load an HF Qwen2-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
+
+    `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
+    sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory; expected an HF checkpoint dir with config.json")
+    config = Qwen2VLConfig.from_pretrained(path)
+    dt = _dtype(dtype)
+    shardings = None
+    if mesh is not None:
+        from qwen2vl_jax import sharding
+        module = Qwen2VLModule(config, dtype=dt, param_dtype=dt)
+        shardings = sharding.tree_shardings(logical_specs(module), mesh, rules or sharding.RULES)
+    params = hf.load_params(path, config, dtype=np.dtype(dt), shardings=shardings)
+    return Qwen2VL(config, params, dtype=dt, **kw)
+
+
+__all__ = ["Qwen2VL", "load_pretrained", "ConfigError"]

@@ -1,0 +1,66 @@
+"""The whole model: vision tower -> merged tokens gathered into the text embeddings -> LLM -> logits.
+
+`Qwen2VLModule` is the pure Linen module over the packed batch format (DESIGN.md). Vision outputs reach the
+text through `vision_index` (host-built), so no Python loop over images runs inside jit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.model.layers import dense
+from qwen2vl_jax.model.text import TextModel
+from qwen2vl_jax.model.vision import VisionTower
+
+
+class Qwen2VLModule(nn.Module):
+    config: Qwen2VLConfig
+    dtype: Any = jnp.float32          # activation / compute dtype
+    param_dtype: Any = jnp.float32    # storage dtype of the params (f32 master weights when training in bf16)
+    remat: str | None = None          # rematerialisation policy of the scanned blocks (layers.remat_policy)
+    attn_impl: str = "xla"
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                                  attn_impl=self.attn_impl)
+        self.visual = VisionTower(c.vision, **kw)
+        self.model = TextModel(c.text, **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head",
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def encode_vision(self, patches, patch_segment_ids, patch_positions):
+        """(B, P, 1176) -> merged vision tokens (B, P/4, D)."""
+        return self.visual(patches, patch_segment_ids, patch_positions)
+
+    def embed(self, input_ids, vision_tokens=None, vision_index=None):
+        """Token embeddings with merged vision tokens written where `vision_index >= 0` (REFERENCE 8.1)."""
+        x = self.model.embed(input_ids)
+        if vision_tokens is None:
+            return x
+        gathered = jnp.take_along_axis(vision_tokens.astype(x.dtype),
+                                       jnp.maximum(vision_index, 0)[..., None], axis=1)
+        return jnp.where((vision_index >= 0)[..., None], gathered, x)
+
+    def logits(self, h):
+        if self.config.tie_word_embeddings:
+            return self.model.attend(h)
+        return self.lm_head(h)
+
+    def hidden(self, batch, cache=None, kv_segment_ids=None, cache_index=None):
+        """Final hidden states (B, L, D) of a packed batch (and the updated cache when one is given)."""
+        vision = None
+        if batch.get("patches") is not None:
+            vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"])
+        x = self.embed(batch["input_ids"], vision, batch.get("vision_index"))
+        return self.model(x, batch["positions"], batch["segment_ids"], cache, kv_segment_ids, cache_index)
+
+    def __call__(self, batch, cache=None, kv_segment_ids=None, cache_index=None):
+        """Logits (B, L, vocab) of a packed batch; with a cache also returns the updated cache."""
+        h, new_cache = self.hidden(batch, cache, kv_segment_ids, cache_index)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
