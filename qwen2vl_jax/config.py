@@ -235,7 +235,7 @@ def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": "float32",
-        **{k: getattr(c, k) for k in _TOKEN_KEYS if k != "pad_token_id"},
+        **{k: getattr(c, k) for k in _TOKEN_KEYS},
         "vision_config": {**{k: getattr(v, k) for k in _VISION_KEYS}, "model_type": "qwen2_vl"},
     }
     return d

@@ -99,6 +99,6 @@ def _check_counts(config, ids, mask, img_grids, vid_grids):
         tokens = int(((ids == tok) & valid).sum())
         features = int(merged_token_count(grids, m).sum())
         if tokens != features:
-            raise InputError(f"{what} features and {what.lower()} tokens do not match: tokens: {tokens}, "
+            raise InputError(f"{what} features and {what.lower()} tokens do not match, tokens: {tokens}, "
                              f"features: {features}. Expand each placeholder to t*h*w/4 pad tokens "
                              f"(the Processor does this) and pass one grid per {what.lower()}.")

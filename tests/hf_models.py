@@ -1,0 +1,97 @@
+"""Tiny random reference models built with transformers 4.57.6 (the parity oracle), shared by tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qwen2vl_jax import config as qconfig
+
+
+def tied_config() -> qconfig.Qwen2VLConfig:
+    """A second shape: tied head (2B-style), wider heads, GQA group 4, 3 layers, 3-block ViT."""
+    v = 1200
+    return qconfig.Qwen2VLConfig(
+        vision=qconfig.VisionConfig(depth=3, embed_dim=48, num_heads=3, mlp_ratio=2.0, hidden_size=128),
+        text=qconfig.TextConfig(vocab_size=v, hidden_size=128, intermediate_size=160, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=1, mrope_section=(4, 6, 6),
+                                max_position_embeddings=4096, rms_norm_eps=1e-6),
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+        vision_start_token_id=v - 10, vision_end_token_id=v - 9, vision_token_id=v - 5,
+        image_token_id=v - 8, video_token_id=v - 7)
+
+
+CONFIGS = {"tiny": qconfig.tiny, "tied": tied_config}
+
+
+def build_hf(cfg: qconfig.Qwen2VLConfig, seed: int = 0):
+    """A random transformers Qwen2VLForConditionalGeneration (eager attention, f32) for `cfg`.
+
+    Norm weights and biases are perturbed away from their 1/0 init so a swapped or missing one shows.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    hfc = Qwen2VLConfig(**cfg.to_hf_dict())
+    hfc._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(hfc).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def vision_ids(cfg, grid, video=False) -> list[int]:
+    """<|vision_start|> + t*h*w/4 pad tokens + <|vision_end|>."""
+    t, h, w = grid
+    pad = cfg.video_token_id if video else cfg.image_token_id
+    return [cfg.vision_start_token_id] + [pad] * (t * h * w // 4) + [cfg.vision_end_token_id]
+
+
+def pixels(grid_list, seed=0) -> np.ndarray:
+    n = sum(t * h * w for t, h, w in grid_list)
+    return np.random.default_rng(seed).standard_normal((n, 1176)).astype(np.float32)
+
+
+def text(n, start=5, seed=None):
+    if seed is None:
+        return list(range(start, start + n))
+    return list(np.random.default_rng(seed).integers(2, 900, n))
+
+
+def cases(cfg):
+    """name -> HF-style inputs (numpy). Covers the issue's list: one image, two images of different sizes,
+    a video with grid_t >= 3 plus an image, a left-padded batch of two, text only."""
+    out = {}
+    g1 = (1, 4, 8)
+    out["single_image"] = dict(input_ids=[text(3) + vision_ids(cfg, g1) + text(4, 20)],
+                               pixel_values=pixels([g1]), image_grid_thw=[g1])
+    g2, g3 = (1, 6, 4), (1, 2, 2)
+    out["two_images"] = dict(input_ids=[text(2) + vision_ids(cfg, g2) + text(3, 30) + vision_ids(cfg, g3) + text(2, 40)],
+                             pixel_values=pixels([g2, g3], 1), image_grid_thw=[g2, g3])
+    gv, gi = (4, 4, 6), (1, 4, 4)
+    out["video_and_image"] = dict(
+        input_ids=[text(2) + vision_ids(cfg, gv, video=True) + text(3, 50) + vision_ids(cfg, gi) + text(3, 60)],
+        pixel_values=pixels([gi], 2), image_grid_thw=[gi], pixel_values_videos=pixels([gv], 3), video_grid_thw=[gv])
+    ga, gb = (1, 4, 4), (1, 6, 8)
+    row_a = text(4) + vision_ids(cfg, ga) + text(3, 70)
+    row_b = text(2) + vision_ids(cfg, gb) + text(5, 80)
+    L = max(len(row_a), len(row_b))
+    ids = np.zeros((2, L), np.int64)
+    mask = np.zeros((2, L), np.int64)
+    for r, row in enumerate((row_a, row_b)):
+        ids[r, L - len(row):] = row
+        mask[r, L - len(row):] = 1
+    out["left_padded_batch"] = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels([ga, gb], 4),
+                                    image_grid_thw=[ga, gb])
+    out["text_only"] = dict(input_ids=[text(12, seed=5)])
+    return {k: {n: (np.asarray(v) if v is not None else None) for n, v in d.items()} for k, d in out.items()}
+
+
+def to_torch(inputs: dict) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        if v is None:
+            continue
+        out[k] = torch.tensor(v) if v.dtype != np.float32 else torch.from_numpy(v)
+    return out
