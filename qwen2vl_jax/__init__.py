@@ -5,3 +5,5 @@ from qwen2vl_jax.positions import rope_index
 from qwen2vl_jax.api import Qwen2VL, load_pretrained
 from qwen2vl_jax.inputs import InputError, batch_from_hf
 from qwen2vl_jax.hf import CheckpointError
+from qwen2vl_jax.data import (DataError, Processor, Record, load_image, preprocess_image, preprocess_video,
+                              read_jsonl, smart_resize)
