@@ -61,7 +61,7 @@ class Qwen2VL:
     """
 
     def __init__(self, config: Qwen2VLConfig, params, dtype="float32", remat: str | None = None,
-                 attn_impl: str = "xla"):
+                 attn_impl: str = "auto"):
         self.config = config
         self.params = params
         self.dtype = _dtype(dtype)
@@ -96,6 +96,17 @@ class Qwen2VL:
         batch, _ = batch_from_hf(self.config, _np(input_ids), _np(attention_mask), _np(pixel_values),
                                  _np(image_grid_thw), _np(pixel_values_videos), _np(video_grid_thw))
         return self.packed_logits(batch)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, max_new_tokens=32, do_sample=False,
+                 eos_token_id=None, **sampling) -> np.ndarray:
+        """HF-style generation: (B, L + new) int32 = the prompt, then the new tokens, with pad_token_id after
+        a row's EOS. Prompts must be left-padded. `sampling`: temperature, top_k, top_p, repetition_penalty,
+        pad_token_id, seed (see `qwen2vl_jax.infer`)."""
+        from qwen2vl_jax import infer
+        return infer.generate(self, _np(input_ids), _np(attention_mask), _np(pixel_values), _np(image_grid_thw),
+                              _np(pixel_values_videos), _np(video_grid_thw), max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, eos_token_id=eos_token_id, **sampling).sequences
 
     # -- export ---------------------------------------------------------------------------------
 

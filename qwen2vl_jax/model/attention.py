@@ -5,15 +5,25 @@ Every attention in the model goes through `attention`:
 - the LLM: causal within packed examples, padding = segment 0;
 - cached decoding: queries at cache slots `q_index` against all cache slots, causal by slot index.
 
-The reference path materialises the (Lq, Lk) mask; the softmax runs in f32 as in the reference's eager path.
+Backends (`impl`):
+- "xla": masked dense reference path; the softmax runs in f32 as in the reference's eager path.
+- "blockwise": segment-aware flash-style path (blockwise.py), cost ~ sum(n_i^2) over packed examples.
+- "splash": Pallas splash attention with segment ids (TPU; `splash_interpret` runs it on CPU for tests).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` with the segment mask (NVIDIA GPUs).
+- "auto": splash on TPU, blockwise for long sequences elsewhere, xla for short ones and for decoding.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from qwen2vl_jax.model.blockwise import blockwise_attention
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite, so fully masked (padding) rows stay NaN-free
+AUTO_BLOCKWISE_MIN_LEN = 2048
 
 
 def make_mask(q_segment_ids, kv_segment_ids, causal: bool, q_index=None, kv_index=None):
@@ -31,10 +41,34 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
               q_index=None, kv_index=None, impl: str = "xla"):
     """q (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh) with H a multiple of Hkv (GQA). Returns (B, Lq, H, Dh).
 
-    q_index / kv_index: (B, Lq) / (B, Lk) slot numbers for the causal test; default 0..L-1.
+    q_index / kv_index: (B, Lq) / (B, Lk) slot numbers for the causal test (cached decoding); default 0..L-1.
     """
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}")
+    cached = q_index is not None or kv_index is not None
+    if impl == "auto":
+        platform = jax.default_backend()
+        if cached:
+            impl = "xla"
+        elif platform == "tpu":
+            impl = "splash"
+        else:
+            impl = "blockwise" if max(q.shape[1], k.shape[1]) >= AUTO_BLOCKWISE_MIN_LEN else "xla"
+    if impl != "xla" and cached:
+        raise ValueError(f"attention impl {impl!r} does not take cache slot indices; use 'xla' for decoding")
+    if impl == "xla":
+        return dense_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
+                               q_index=q_index, kv_index=kv_index)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
+    if impl in ("splash", "splash_interpret"):
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
+                                interpret=impl == "splash_interpret")
+    if impl == "cudnn":
+        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, cudnn or auto")
+
+
+def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, q_index=None, kv_index=None):
     b, lq, h, dh = q.shape
     hkv = k.shape[2]
     # Query head j*g + i uses kv head j (repeat_interleave in the reference).
@@ -45,3 +79,50 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, lq, h, dh)
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, interpret=False, block=512):
+    """Pallas splash attention, one MQA kernel per kv head (GQA groups share their key/value head).
+
+    Sequence lengths are padded to the block size with segment 0; padded keys never meet real queries.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    bs = min(block, _round_up(max(lq, lk), 128))
+    lq_p, lk_p = _round_up(lq, bs), _round_up(lk, bs)
+    mask = sm.CausalMask((lq_p, lk_p)) if causal else sm.FullMask((lq_p, lk_p))
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([mask] * g), block_sizes=sk.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs,
+                                                                 block_q_dkv=bs, block_kv_dkv=bs,
+                                                                 block_kv_dkv_compute=bs, block_q_dq=bs,
+                                                                 block_kv_dq=bs),
+        interpret=interpret)
+    pad = functools.partial(_pad_len, axis=1)
+    qg = pad(q * jnp.asarray(scale, q.dtype), lq_p).reshape(b, lq_p, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    kk = pad(k, lk_p).transpose(0, 2, 1, 3)                                          # (B, Hkv, Lk, D)
+    vv = pad(v, lk_p).transpose(0, 2, 1, 3)
+    qs, ks = pad(q_segment_ids, lq_p).astype(jnp.int32), pad(kv_segment_ids, lk_p).astype(jnp.int32)
+
+    def one(qh, kh, vh, qsr, ksr):   # (G, L, D), (L, D), (L, D)
+        return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qsr, kv=ksr))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))                         # over kv heads
+    out = jax.vmap(per_head)(qg, kk, vv, qs, ks)                                     # (B, Hkv, G, Lq, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq_p, h, d)[:, :lq]
+
+
+def _pad_len(x, n, axis):
+    extra = n - x.shape[axis]
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _round_up(n, m):
+    return -(-n // m) * m

@@ -22,7 +22,7 @@ class Qwen2VLModule(nn.Module):
     dtype: Any = jnp.float32          # activation / compute dtype
     param_dtype: Any = jnp.float32    # storage dtype of the params (f32 master weights when training in bf16)
     remat: str | None = None          # rematerialisation policy of the scanned blocks (layers.remat_policy)
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,

@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cache, cos, sin, segment_ids, kv_segment_ids, q_index, cache_index):
@@ -65,7 +65,7 @@ class TextModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
 
     def setup(self):
         c = self.config

@@ -22,7 +22,7 @@ class VisionBlock(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):   # x (B, P, E)
@@ -69,7 +69,7 @@ class VisionTower(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str | None = None
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, patches, segment_ids, patch_positions):
