@@ -3,6 +3,7 @@
 
 import io
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +49,14 @@ def test_smart_resize_matches_reference_on_random_sizes():
         assert smart_resize(h, w, 28, lo, hi) == expected, (h, w, lo, hi)
         checked += 1
     assert checked > 2500 and errors > 20
+
+
+def test_smart_resize_matches_reference_on_every_small_size():
+    # Sides under 28 are where rounding hits zero and the min-pixel branch takes over (REFERENCE 3.2).
+    for lo, hi in ((IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS), (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS), (784, 3136)):
+        for h in range(1, 121):
+            for w in range(1, 121):
+                assert smart_resize(h, w, 28, lo, hi) == hf_image.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
 
 
 @pytest.mark.parametrize("hw, class_default, hub", [  # REFERENCE 3.2, observed examples
@@ -241,12 +250,24 @@ def test_zero_frame_video_raises():
         preprocess_video([])
 
 
-def test_video_file_decoding_with_pyav(tmp_path):
+def test_video_file_without_pyav_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "av", None)         # import av now raises ImportError
+    with pytest.raises(ValueError, match=r"clip\.mp4: decoding video files needs PyAV \(pip install av"):
+        preprocess_video(str(tmp_path / "clip.mp4"))
+    with pytest.raises(ValueError, match="video file not found: .*gone.mp4"):
+        preprocess_video(str(tmp_path / "gone.mp4"))
+
+
+@pytest.mark.parametrize("name, codec", [("clip.mp4", "mpeg4"), ("clip.webm", "libvpx-vp9")])
+def test_video_file_decoding_with_pyav(tmp_path, name, codec):
     av = pytest.importorskip("av")
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
     frames = np.repeat(np.arange(30, dtype=np.uint8)[:, None, None, None] * 8, 64 * 96 * 3).reshape(30, 64, 96, 3)
-    path = str(tmp_path / "clip.mp4")
+    path = str(tmp_path / name)
     with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
+        stream = container.add_stream(codec, rate=10)
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))

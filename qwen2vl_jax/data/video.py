@@ -86,9 +86,9 @@ def read_video(path: str, indices=None) -> tuple[np.ndarray, float]:
 def probe_video(path: str) -> tuple[int, float]:
     """(frame count, frames per second) of a video file. Frames are counted by demuxing, not read from the
     header, because container headers often hold estimates."""
-    av = _import_av(path)
     if not os.path.isfile(path):
         raise ValueError(f"video file not found: {path}")
+    av = _import_av(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:
