@@ -41,7 +41,7 @@ TAGGED = {"messages": [{"role": "user", "content": "<image>What is left? <image>
           "images": ["imgs/a.png", "imgs/b.png"]}
 LISTED = {"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/a.png"},
                                                     {"type": "text", "text": "What is left? "},
-                                                    {"type": "image", "image": "imgs/b.png"},
+                                                    {"type": "image", "path": "imgs/b.png"},  # HF key
                                                     {"type": "text", "text": "And right?"}]},
                        {"role": "assistant", "content": [{"type": "text", "text": "A cat and a dog."}]}]}
 

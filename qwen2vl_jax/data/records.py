@@ -167,12 +167,13 @@ def _split_item(item, where: str) -> list[dict]:
     kind = item.get("type")
     # Same precedence as the chat template (REFERENCE 4.3): image, then video, then text.
     if kind == "image" or "image" in item or "image_url" in item:
-        source = item.get("image", item.get("image_url"))
+        source = _first(item, "image", "image_url", "path", "url")
         if isinstance(source, dict):  # OpenAI style {"image_url": {"url": ...}}
             source = source.get("url")
         return [{"type": "image", "image": _source(source), **_settings(item, "image", where)}]
     if kind == "video" or "video" in item:
-        return [{"type": "video", "video": _source(item.get("video")), **_settings(item, "video", where)}]
+        source = _first(item, "video", "path", "url")
+        return [{"type": "video", "video": _source(source), **_settings(item, "video", where)}]
     if "text" in item:
         text = item["text"]
         if not isinstance(text, str):
@@ -189,6 +190,10 @@ def _split_item(item, where: str) -> list[dict]:
                 pieces.append({"type": "text", "text": part})
         return pieces or [{"type": "text", "text": ""}]
     raise ValueError(f"{where}: unknown content item {_short(item)}; expected type text, image or video")
+
+
+def _first(item: dict, *keys):
+    return next((item[k] for k in keys if item.get(k) is not None), None)
 
 
 def _source(value):
