@@ -7,3 +7,4 @@ from qwen2vl_jax.inputs import InputError, batch_from_hf
 from qwen2vl_jax.hf import CheckpointError
 from qwen2vl_jax.data import (DataError, Processor, Record, load_image, preprocess_image, preprocess_video,
                               read_jsonl, smart_resize)
+from qwen2vl_jax.assemble import LoadReport, assemble, assemble_params
