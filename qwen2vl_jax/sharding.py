@@ -74,3 +74,54 @@ def tree_shardings(logical_specs, mesh: Mesh, rules=RULES):
     """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), logical_specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+# Logical axes of each field of the packed batch format (DESIGN.md); rows split over the "batch" rule.
+BATCH_AXES: dict[str, tuple] = {
+    "input_ids": ("batch", "length"),
+    "segment_ids": ("batch", "length"),
+    "labels": ("batch", "length"),
+    "loss_mask": ("batch", "length"),
+    "vision_index": ("batch", "length"),
+    "example_index": ("batch", "length"),
+    "positions": (None, "batch", "length"),
+    "patches": ("batch", "patches", None),
+    "patch_segment_ids": ("batch", "patches"),
+    "patch_positions": ("batch", "patches", None),
+}
+
+
+def batch_sharding(mesh: Mesh, key: str, stacked: bool = False, rules=RULES) -> NamedSharding:
+    """Sharding of one batch field; `stacked` adds a leading (unsharded) micro-batch axis."""
+    if key not in BATCH_AXES:
+        raise KeyError(f"unknown batch field {key!r}; the packed format has {sorted(BATCH_AXES)}")
+    axes = ((None,) if stacked else ()) + BATCH_AXES[key]
+    return NamedSharding(mesh, logical_to_mesh_spec(axes, rules))
+
+
+def batch_shards(mesh: Mesh, rules=RULES) -> int:
+    """Number of pieces the batch rows are split into (rows per step must be a multiple of it)."""
+    spec = logical_to_mesh_spec(("batch",), rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+
+def initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when this process is one of several (a multi-host TPU slice, SLURM,
+    or JAX_COORDINATOR_ADDRESS set); must run before anything touches a device. True if it did."""
+    import os
+    multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    if not (multi_host_tpu or slurm or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """A mesh from a config with `data`, `fsdp`, `tensor` sizes (one may be -1)."""
+    return make_mesh(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor)

@@ -1,0 +1,152 @@
+"""orbax checkpoints of a run: `<workdir>/checkpoints/<step>/` with four items.
+
+- `state`: the TrainState (params, optimizer state, step, RNG), each array written from its own shards;
+- `data`: the data iterator's state (JSON), so a resumed run sees the same batches in the same order;
+- `model_config`: the model's HF config.json dict, so `restore_params` needs no training YAML;
+- `run`: the run config and trainable parts, for the record.
+
+Saves are asynchronous (training continues while the arrays are written) and atomic: orbax writes a
+temporary directory and renames it when complete, so a process killed mid-save leaves the previous
+checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.train.state import TrainState
+
+ITEMS = ("state", "data", "model_config", "run")
+
+
+class Checkpoints:
+    """The checkpoints of one workdir: save every so often, keep the last `keep`, restore the latest."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, step: int, data_state: dict | None, model_config: Qwen2VLConfig,
+             run: dict) -> None:
+        """Start writing step `step` (returns once the arrays are copied off the devices)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state.to_dict()),
+            data=ocp.args.JsonSave(data_state or {}),
+            model_config=ocp.args.JsonSave(model_config.to_hf_dict()),
+            run=ocp.args.JsonSave(run)), force=True)
+
+    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """(state placed as `abstract`'s shardings say, data iterator state) of `step` (default latest)."""
+        step = self.latest_step() if step is None else step
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract.to_dict()), data=ocp.args.JsonRestore()))
+        return TrainState.from_dict(out.state), dict(out.data or {})
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once any host got a preemption notice (multi-host runs)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# -- reading a checkpoint without its run config ---------------------------------------------------------
+
+def step_dir(path: str) -> str:
+    """The checkpoint step directory for `path`: a workdir (its latest checkpoint), a `checkpoints` dir, or
+    a step dir itself."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "model_config")):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root):
+            steps = [int(d) for d in os.listdir(root) if re.fullmatch(r"\d+", d)
+                     and os.path.isdir(os.path.join(root, d, "state"))]
+            if steps:
+                return os.path.join(root, str(max(steps)))
+    raise FileNotFoundError(f"{path}: no orbax checkpoint here; give a training workdir, its checkpoints/ "
+                            "directory or one step directory (checkpoints/<step>)")
+
+
+def read_model_config(path: str) -> Qwen2VLConfig:
+    d = step_dir(path)
+    handler = ocp.JsonCheckpointHandler()
+    try:
+        hf_dict = handler.restore(epath.Path(d) / "model_config")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{d}: the checkpoint has no model_config item; it was not written by "
+                                "qwen2vl_jax.train") from None
+    return Qwen2VLConfig.from_hf_dict(hf_dict, source=os.path.join(d, "model_config"))
+
+
+def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
+    """(model config, params) of a training checkpoint, without its optimizer state.
+
+    `path`: a workdir (latest checkpoint), its `checkpoints/` dir, or a step dir. `shardings`: optional
+    pytree of jax Shardings matching the params (default: all on the first local device).
+    """
+    d = step_dir(path)
+    config = read_model_config(d)
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(os.path.join(d, "state")).item_metadata
+    params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+    if shardings is None:
+        device = jax.local_devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params_meta)
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
+                          params_meta, shardings)
+    restored = checkpointer.restore(os.path.join(d, "state"), args=ocp.args.PyTreeRestore(
+        item={"params": target},
+        restore_args={"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)},
+        partial_restore=True))
+    return config, restored["params"]
+
+
+# -- export -------------------------------------------------------------------------------------------------
+
+class _Gathered:
+    """A param that becomes a whole host array only when the HF writer reads it, one tensor at a time;
+    on multi-host runs every process takes part in the gather."""
+
+    def __init__(self, x: jax.Array, dtype):
+        self.x, self.dtype = x, dtype
+
+    def __array__(self, dtype=None, copy=None):
+        if self.x.is_fully_addressable:
+            a = np.asarray(jax.device_get(self.x))
+        else:
+            from jax.experimental import multihost_utils
+            a = np.asarray(multihost_utils.process_allgather(self.x, tiled=True))
+        return a.astype(dtype or self.dtype)
+
+
+def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "float32") -> None:
+    """HF safetensors + config.json of `params` (loads in transformers and `load_pretrained`)."""
+    import shutil
+    import tempfile
+
+    import ml_dtypes
+
+    from qwen2vl_jax import hf
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    lazy = jax.tree.map(lambda x: _Gathered(x, np_dtype), params)
+    # Every process must read every tensor (the gathers are collective); only process 0 keeps the files.
+    target = path if jax.process_index() == 0 else tempfile.mkdtemp()
+    hf.save_params(lazy, config, target)
+    if target != path:
+        shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,218 @@
+"""The run configuration of `train.py`: dataclasses, YAML files and `key=value` overrides.
+
+One YAML file per run (configs/*.yaml) fills these dataclasses; unknown keys are errors that name the key
+and the file, because a misspelt key silently ignored costs a TPU-day. Overrides on the command line use
+dotted paths (`mesh.fsdp=8`, `optim.lr=3e-4`) and are parsed as YAML, then coerced to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot be used: unknown keys, wrong types, inconsistent settings."""
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1      # replicas: params replicated, batch split
+    fsdp: int = -1     # params, grads and optimizer state sharded over it, batch split too; -1 = the rest
+    tensor: int = 1    # heads / MLP / vocab split; keep within the fast interconnect of a slice
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4                       # peak learning rate of every trainable part
+    part_lr: dict[str, float] = dataclasses.field(default_factory=dict)   # peak lr per part: vit, merger, llm
+    warmup_steps: int = 100                # linear warmup from 0 to the peak
+    decay_steps: int = 10_000              # cosine after warmup; the schedule never depends on `steps`
+    end_lr_ratio: float = 0.1              # the cosine ends at this fraction of the peak, then stays there
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1              # decoupled (AdamW), on kernels and embeddings only
+    clip_norm: float = 1.0                 # global gradient norm clip over all trainable parts; 0 = off
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = "synthetic"               # JSONL file (comma-separated for several), or "synthetic"
+    batch_size: int = 8                    # rows per micro-batch, all hosts together
+    buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [[256, 64]])  # (text_len, patch_len)
+    window: int = 64                       # look-ahead of the packer (examples)
+    workers: int = 0                       # grain worker processes (0 = in the training process)
+    skip_budget: int = 0                   # bad records a run may skip before it stops
+    image_min_pixels: int = 3136
+    image_max_pixels: int = 12845056
+    synthetic_size: int = 2000             # examples of the generated demo set
+    synthetic_dir: str = ""                # where the generated set lives; default <workdir>/synthetic
+
+
+@dataclasses.dataclass
+class InitConfig:
+    vision: str = ""                       # a CLIP ViT checkpoint dir, assembled with `llm` (stage 1)
+    llm: str = ""                          # a Qwen2 LLM checkpoint dir
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: str = "tiny"                    # a preset (tiny, 2b, 7b, 72b) or an HF dir / config.json
+    workdir: str = "runs/demo"             # checkpoints, metrics.jsonl, TensorBoard events, export
+    steps: int = 300                       # stop after this optimizer step
+    seed: int = 0                          # params init, data order, step RNG
+    stage: int = 2                         # the paper's stages: 1 ViT + merger (LLM frozen), 2 all, 3 LLM only
+    trainable: list[str] | None = None     # parts to train (vit, merger, llm); default: the stage's
+    dtype: str = "bfloat16"                # compute dtype; params and optimizer state stay float32
+    remat: str = "none"                    # none | full | dots | dots_no_batch
+    grad_accum: int = 1                    # micro-batches per optimizer step
+    z_loss: float = 0.0                    # weight of logsumexp(logits)^2 per target token
+    loss_chunk: int = 0                    # text positions per logits chunk (0 = whole rows at once)
+    on_nan: str = "stop"                   # stop | skip: what a non-finite loss or gradient does
+    max_nan_skips: int = 10                # with on_nan=skip: consecutive bad steps before stopping anyway
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1                     # steps per metrics.jsonl / TensorBoard record
+    init_from: str = ""                    # an HF checkpoint dir or an orbax workdir / step dir
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    export_hf: bool = True                 # write <workdir>/hf (safetensors) at the end
+    peak_tflops: float = 0.0               # per device, for MFU where the device kind is not known
+    progress: bool = True                  # the tqdm bar
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- building from YAML + overrides ---------------------------------------------------------------------
+
+def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) and `key=value` overrides, validated."""
+    raw: dict = {}
+    source = path or "defaults"
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise RunConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} is not key=value (e.g. steps=100 or mesh.fsdp=8)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(RunConfig, raw, source, "")
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = tree.get(p)
+        if not isinstance(node, dict):
+            node = tree[p] = {}
+        tree = node
+    tree[leaf] = value
+
+
+def _build(cls, raw: dict, source: str, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise RunConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+        kw[key] = _coerce(hints[key], value, source, prefix + key)
+    return cls(**kw)
+
+
+def _coerce(tp, value, source: str, key: str) -> Any:
+    """YAML gives `1e-4` as a string and `8` where a float is expected; make the value the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, source, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RunConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build(tp, value, source, key + ".")
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp in (int, float):
+            if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return tp(float(value)) if tp is int else float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            items = value.split(",") if isinstance(value, str) else value
+            return [_coerce(inner, v, source, f"{key}[{i}]") for i, v in enumerate(items)]
+        if origin is dict:
+            _, inner = typing.get_args(tp)
+            return {str(k): _coerce(inner, v, source, f"{key}.{k}") for k, v in dict(value).items()}
+    except (TypeError, ValueError):
+        raise RunConfigError(f"{source}: {key} = {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+PARTS = ("vit", "merger", "llm")
+STAGE_PARTS = {1: ("vit", "merger"), 2: ("vit", "merger", "llm"), 3: ("llm",)}
+
+
+def trainable_parts(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(cfg.trainable) if cfg.trainable is not None else STAGE_PARTS[cfg.stage]
+
+
+def validate(cfg: RunConfig) -> None:
+    problems = []
+    if cfg.stage not in STAGE_PARTS:
+        problems.append(f"stage must be 1, 2 or 3, got {cfg.stage}")
+    elif not set(trainable_parts(cfg)) <= set(PARTS) or not trainable_parts(cfg):
+        problems.append(f"trainable must be a non-empty subset of {list(PARTS)}, got {cfg.trainable}")
+    unknown = set(cfg.optim.part_lr) - set(PARTS)
+    if unknown:
+        problems.append(f"optim.part_lr has unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        problems.append(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
+        problems.append(f"remat must be none, full, dots or dots_no_batch, got {cfg.remat!r}")
+    if cfg.on_nan not in ("stop", "skip"):
+        problems.append(f"on_nan must be stop or skip, got {cfg.on_nan!r}")
+    for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.loss_chunk < 0:
+        problems.append(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    if cfg.init_from and (cfg.init.vision or cfg.init.llm):
+        problems.append("give either init_from or init.vision + init.llm, not both")
+    if bool(cfg.init.vision) != bool(cfg.init.llm):
+        problems.append("init.vision and init.llm go together (a CLIP ViT and a Qwen2 LLM to assemble)")
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        if v == 0 or v < -1:
+            problems.append(f"mesh.{axis} must be a positive size or -1, got {v}")
+    if problems:
+        raise RunConfigError("invalid run config: " + "; ".join(problems))
