@@ -140,3 +140,94 @@ def test_right_padding_is_refused_with_a_clear_error(tiny):
     cfg, _, ours = tiny
     with pytest.raises(qv.InputError, match="left-padded"):
         ours.generate(np.asarray([[5, 6, 7, 0]]), attention_mask=np.asarray([[1, 1, 1, 0]]), max_new_tokens=2)
+
+
+# -- logits processors against transformers' own ------------------------------------------------------
+
+def _hf_processed(logits, input_ids, penalty, temperature, top_k, top_p):
+    from transformers.generation import logits_process as lp
+    procs = [lp.RepetitionPenaltyLogitsProcessor(penalty), lp.TemperatureLogitsWarper(temperature),
+             lp.TopKLogitsWarper(top_k), lp.TopPLogitsWarper(top_p)]
+    ids, scores = torch.tensor(input_ids), torch.tensor(logits)
+    for p in procs:
+        scores = p(ids, scores)
+    return scores.numpy()
+
+
+def test_logits_processing_matches_transformers_warpers():
+    import jax.numpy as jnp
+    from qwen2vl_jax.infer.decode import seen_tokens
+    from qwen2vl_jax.infer.sampling import Knobs, Sampler, process
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((4, 64)) * 3).astype(np.float32)
+    ids = rng.integers(0, 64, (4, 12))
+    cfg = infer.GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
+    seen = seen_tokens(jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32), 64)
+    got = np.asarray(process(jnp.asarray(logits), seen, Sampler.of(cfg), Knobs.of(cfg)))
+    ref = _hf_processed(logits, ids, 1.3, 0.7, 20, 0.8)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    kept = ~np.isinf(ref)
+    assert 1 <= kept.sum(-1).min() and kept.sum(-1).max() < 20     # top-p cut inside the top-k survivors
+    np.testing.assert_allclose(got[kept], ref[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_follows_the_processed_distribution(top_k):
+    """Empirical frequencies of 40k draws against softmax of the HF-processed logits (both code paths:
+    full-vocabulary top-p, and top-p inside the top-k candidates)."""
+    import jax
+    import jax.numpy as jnp
+    from qwen2vl_jax.infer.sampling import Knobs, Sampler, next_token
+    logits = np.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]], np.float32)
+    cfg = infer.GenerationConfig(do_sample=True, temperature=0.8, top_k=top_k, top_p=0.9)
+    ref = _hf_processed(logits, np.zeros((1, 1), np.int64), 1.0, 0.8, top_k or 8, 0.9)[0]
+    probs = np.exp(ref - ref.max())
+    probs /= probs.sum()
+    draw = jax.jit(jax.vmap(lambda k: next_token(jnp.asarray(logits), None, k, Sampler.of(cfg), Knobs.of(cfg))[0]))
+    n = 40000
+    freq = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), n))), minlength=8) / n
+    assert (freq[probs == 0] == 0).all(), "sampled a token that top-k/top-p removed"
+    # 40k draws: binomial standard error <= 0.0025, so 0.01 is four standard errors.
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+
+
+# -- on a mesh --------------------------------------------------------------------------------------
+
+MESH_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+import jax, hf_models, test_generate, qwen2vl_jax as qv
+from jax.sharding import PartitionSpec as P
+from qwen2vl_jax import infer
+from qwen2vl_jax.sharding import make_mesh
+assert jax.device_count() == 8
+cfg = qv.Qwen2VLConfig.from_pretrained({path!r})
+sharded = qv.load_pretrained({path!r}, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+plain = qv.load_pretrained({path!r})
+inputs = test_generate.generation_cases(cfg)["images_per_row_differ"]   # 2 rows -> padded to the 4 batch shards
+kw = dict(max_new_tokens=8, eos_token_id=cfg.vision_token_id, return_logits=True)
+a, b = infer.generate(sharded, **inputs, **kw), infer.generate(plain, **inputs, **kw)
+np.testing.assert_array_equal(a.sequences, b.sequences)
+np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+gen = infer.generator_for(sharded)
+assert gen.batch_multiple == 4
+prompt = gen.prepare(**inputs)
+_, cache, _, _ = gen.start(sharded.params, prompt, infer.GenerationConfig(max_new_tokens=8))
+k = cache[0]                                           # (layers, B, S, Hkv, Dh)
+assert k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor"), k.sharding.spec
+assert {{s.data.shape for s in k.addressable_shards}} == {{(k.shape[0], 1, k.shape[2], 1, k.shape[4])}}
+print("OK")
+"""
+
+
+@pytest.mark.slow   # a fresh 8-device process compiles everything again (~30 s on 2 cores)
+def test_generate_on_a_mesh_matches_one_device(hf_checkpoints):
+    """(data 2, fsdp 2, tensor 2) on 8 simulated CPU devices: batch rows and KV heads split, same tokens."""
+    import os
+    import subprocess
+    import sys
+    _, _, path = hf_checkpoints["tiny"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = MESH_SCRIPT.format(tests=os.path.dirname(__file__), path=path)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
