@@ -12,7 +12,8 @@ What maps: the patch embedding (the 2D conv kernel inflated over the temporal de
 and output projections, the MLP and both block LayerNorms, and every LLM tensor. What does not: the class
 token, the absolute position embedding (the ViT's 2D RoPE replaces it), CLIP's pre-/post-LayerNorm and
 projection head, the CLIP text tower; the merger is freshly initialised with the model's own initialisers.
-`LoadReport` lists every tensor that was loaded, skipped or initialised, and why.
+`LoadReport` lists every tensor that was loaded, skipped or initialised, and why. Pixels need no change:
+CLIP (OpenAI, DFN) and Qwen2-VL normalise with the same OpenAI CLIP mean/std.
 
 Checkpoint pairings that cannot work (ViT width/depth/heads/MLP/patch size against the config, LLM hidden
 size against the merger output, any mis-shaped tensor) raise `CheckpointError` before anything is built;
@@ -233,8 +234,9 @@ def _check_vision(reader, path, layout, prefix, config, report, problems) -> int
         report.warnings.append("vision activation unknown (no config file): Qwen2-VL's ViT uses quick_gelu, "
                                "so a GELU-trained source computes a different function until trained")
     elif act != v.hidden_act:
-        report.warnings.append(f"vision activation mismatch: the source ViT was trained with {act}, Qwen2-VL's "
-                               f"ViT uses {v.hidden_act}; the loaded blocks compute a different function")
+        report.warnings.append(f"vision activation mismatch: the source ViT was trained with {act} (per "
+                               f"{meta_file}), Qwen2-VL's ViT uses {v.hidden_act}; the loaded blocks compute a "
+                               "different function until trained")
     else:
         report.checks.append(f"vision activation {act} == config {v.hidden_act}")
     eps = meta.get("eps")
