@@ -356,7 +356,7 @@ def _llm(path: str, config: Qwen2VLConfig, report: LoadReport, problems: list[st
                             f"{m} has shape {reader.shape(m)} in {path}, the config needs {tuple(shape)}")
         if bad:
             continue
-        how = "transposed" if ours[-1] in ("kernel",) else "as is"
+        how = "transposed" if ours[-1] == "kernel" else "as is"
         if name == embed and ours[0] == "lm_head":
             how = "the source ties its head: a copy of the embedding, transposed"
         if n:
