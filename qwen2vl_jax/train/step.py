@@ -96,19 +96,28 @@ def batch_shardings(mesh: Mesh, keys, rules=sharding.RULES) -> dict:
 
 class StepFn:
     """`train_step` jitted with explicit in/out shardings and the old state donated; traced under the mesh
-    and the logical-axis rules so the model's activation constraints apply."""
+    and the logical-axis rules so the model's activation constraints apply. One jitted function per set of
+    batch fields (a run without images has no vision fields); jax caches one program per bucket shape."""
 
-    def __init__(self, mesh: Mesh, state_shardings: TrainState, batch_keys, rules=sharding.RULES, **kw: Any):
-        self.mesh, self.rules = mesh, rules
-        self.batch_shardings = batch_shardings(mesh, batch_keys, rules)
-        fn = lambda state, batch: train_step(state, batch, **kw)
-        self._jit = jax.jit(fn, in_shardings=(state_shardings, self.batch_shardings),
-                            out_shardings=(state_shardings, None), donate_argnums=0)
+    def __init__(self, mesh: Mesh, state_shardings: TrainState, rules=sharding.RULES, **kw: Any):
+        self.mesh, self.rules, self.state_shardings, self.kw = mesh, rules, state_shardings, kw
+        self._jits: dict[tuple, Any] = {}
+
+    def batch_shardings(self, keys) -> dict:
+        return batch_shardings(self.mesh, keys, self.rules)
+
+    def _jit(self, keys):
+        keys = tuple(sorted(keys))
+        if keys not in self._jits:
+            fn = lambda state, batch: train_step(state, batch, **self.kw)
+            self._jits[keys] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings(keys)),
+                                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+        return self._jits[keys]
 
     def __call__(self, state: TrainState, batch: dict):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._jit(state, batch)
+            return self._jit(batch)(state, batch)
 
     def lower(self, state, batch):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._jit.lower(state, batch)
+            return self._jit(batch).lower(state, batch)

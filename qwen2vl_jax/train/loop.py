@@ -1,0 +1,244 @@
+"""The training run behind `train.py`: mesh -> model and optimizer -> data -> init or resume -> jitted step ->
+loop with NaN guard, async checkpoints, metrics and a clean stop on SIGTERM / preemption -> HF export.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2vl_jax import hf, sharding
+from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
+from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+from qwen2vl_jax.train import batches, checkpoint, metrics, optim
+from qwen2vl_jax.train.config import RunConfig, trainable_parts
+from qwen2vl_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from qwen2vl_jax.train.step import StepFn
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on its own: a non-finite loss, or a config that contradicts the workdir."""
+
+
+# -- where the model comes from ----------------------------------------------------------------------------
+
+def _is_orbax(path: str) -> bool:
+    try:
+        checkpoint.step_dir(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def model_config(cfg: RunConfig) -> Qwen2VLConfig:
+    """`init_from`'s config when given (an HF dir or an orbax checkpoint), else the `model` preset / HF dir."""
+    if cfg.init_from:
+        if _is_orbax(cfg.init_from):
+            return checkpoint.read_model_config(cfg.init_from)
+        return Qwen2VLConfig.from_pretrained(cfg.init_from)
+    if cfg.model.lower() in PRESETS:
+        return preset(cfg.model)
+    return Qwen2VLConfig.from_pretrained(cfg.model)
+
+
+def initial_params(cfg: RunConfig, config: Qwen2VLConfig, shardings, log) -> dict | None:
+    """Params to start from, placed in `shardings`, or None for a random init."""
+    if cfg.init_from:
+        if _is_orbax(cfg.init_from):
+            log(f"init: params of the orbax checkpoint {checkpoint.step_dir(cfg.init_from)}")
+            return checkpoint.restore_params(cfg.init_from, shardings=shardings)[1]
+        log(f"init: HF checkpoint {cfg.init_from}")
+        return hf.load_params(cfg.init_from, config, dtype=np.float32, shardings=shardings)
+    if cfg.init.vision:
+        from qwen2vl_jax.assemble import assemble_params   # stage 1 from a CLIP ViT + a Qwen2 LLM
+        params, report = assemble_params(config, vision=cfg.init.vision, llm=cfg.init.llm, seed=cfg.seed,
+                                         shardings=shardings)
+        if jax.process_index() == 0:
+            report.save(cfg.workdir)
+        log(report.to_text())
+        return params
+    return None
+
+
+# -- stopping cleanly ----------------------------------------------------------------------------------------
+
+class StopRequest:
+    """SIGTERM (preemption) or a first Ctrl-C asks the loop to save and stop after the current step; a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: the caller handles signals
+                pass
+
+    def _handle(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig, data: Any = None) -> dict:
+    """Train as `cfg` says; returns a summary (first/last loss, steps, wall time, throughput).
+
+    `data`: an iterator of packed numpy batches with `get_state()` / `set_state()`; default: the pipeline
+    that `cfg.data` describes.
+    """
+    t_start = time.perf_counter()
+    main = jax.process_index() == 0
+    log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
+
+    # -- devices and mesh
+    sharding.initialize_distributed()
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    batches.check_rows(cfg.data.batch_size, mesh)
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} devices, "
+        f"{jax.process_count()} process(es)")
+
+    # -- model and optimizer
+    config = model_config(cfg)
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat)
+    parts = trainable_parts(cfg)
+    tx = optim.make_optimizer(cfg.optim, parts)
+    schedules = optim.schedules(cfg.optim, parts)
+    shardings = state_shardings(module, tx, parts, mesh)
+
+    # -- checkpoints: resume from the workdir, or start
+    os.makedirs(cfg.workdir, exist_ok=True)
+    ckpts = checkpoint.Checkpoints(cfg.workdir, cfg.keep_checkpoints)
+    latest = ckpts.latest_step()
+    if data is None:
+        from qwen2vl_jax.train.data import make_source
+        data = make_source(cfg, config)
+    if latest is not None:
+        saved = checkpoint.read_model_config(ckpts.directory)
+        if saved != config:
+            raise TrainingStopped(f"{cfg.workdir} holds checkpoints of a different model than this config "
+                                  "describes; use a new workdir (or the config that made them)")
+        state, data_state = ckpts.restore(abstract_state(module, tx, parts, shardings), latest)
+        if data_state:
+            data.set_state(data_state)
+        log(f"resumed from {ckpts.directory}/{latest}")
+    else:
+        params = initial_params(cfg, config, shardings.params, log)
+        state = init_state(module, tx, parts, shardings, cfg.seed, params)
+    start = int(jax.device_get(state.step))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
+    log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
+        f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}")
+
+    step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
+                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
+    peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
+    run_record = {**cfg.to_dict(), "trainable_parts": list(parts)}
+
+    # -- loop
+    log_file = metrics.MetricsLog(cfg.workdir, resume_step=start, enabled=main)
+    progress = metrics.Progress(cfg.steps, start, enabled=main and cfg.progress)
+    stop = StopRequest()
+    timer = metrics.StepTimer()
+    summary: dict = {"start_step": start, "losses": []}
+    nan_run = [0]
+    last_saved = latest
+
+    def finish(pending):
+        """Fetch a dispatched step's metrics: NaN guard, logging."""
+        step, dev_metrics, host = pending
+        m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+        dt = timer.lap()
+        if not m.pop("finite"):
+            nan_run[0] += 1
+            what = f"step {step}: loss {m['loss']} / gradient norm {m['grad_norm']} is not finite"
+            if cfg.on_nan == "stop" or nan_run[0] > cfg.max_nan_skips:
+                ckpts.wait()
+                raise TrainingStopped(
+                    f"{what}; the update was not applied and nothing after step {last_saved} was saved. "
+                    "Lower optim.lr or raise optim.warmup_steps, look at that step's data, or set on_nan=skip "
+                    f"(it stopped after {nan_run[0]} consecutive bad steps)")
+            progress.write(f"{what}; update skipped ({nan_run[0]} in a row)")
+        else:
+            nan_run[0] = 0
+        m.update(step_time=dt, data_time=host["data_time"], text_tokens=host["text_tokens"],
+                 patches=host["patches"], tokens_per_s=host["text_tokens"] / dt,
+                 tflops_per_device=host["flops"] / dt / jax.device_count() / 1e12)
+        if peak:
+            m["mfu"] = host["flops"] / dt / jax.device_count() / peak
+        summary["losses"].append((step, m["loss"]))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_file.write(step, m)
+        progress.update(step, m["loss"], m["tokens_per_s"], dt)
+        return m
+
+    pending, step, it = None, start, iter(data)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            try:
+                host_batch = batches.stack_micro_batches([next(it) for _ in range(cfg.grad_accum)])
+            except StopIteration:
+                step -= 1
+                log(f"\nthe data ran out after step {step}")
+                summary["stopped"] = "data exhausted"
+                if last_saved != step:
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    ckpts.save(state, step, data.get_state(), config, run_record)
+                break
+            host = {"data_time": time.perf_counter() - t0,
+                    "text_tokens": float((host_batch["segment_ids"] > 0).sum()),
+                    "patches": float((host_batch["patch_segment_ids"] > 0).sum())
+                    if "patch_segment_ids" in host_batch else 0.0,
+                    "flops": metrics.step_flops(config, host_batch, parts)}
+            device_batch = batches.to_device(host_batch, step_fn.batch_shardings(host_batch))
+            state, dev_metrics = step_fn(state, device_batch)
+            if pending is not None:
+                finish(pending)
+            pending = (step, dev_metrics, host)
+            preempted = ckpts.reached_preemption(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason or preempted:
+                finish(pending)   # a step is saved only after its NaN check
+                pending = None
+                ckpts.save(state, step, data.get_state(), config, run_record)
+                last_saved = step
+            if stop.reason or preempted:
+                log(f"\nstopping after step {step} ({stop.reason or 'preemption'}): checkpoint saved")
+                summary["stopped"] = stop.reason or "preemption"
+                break
+        if pending is not None:
+            finish(pending)
+        ckpts.wait()
+    finally:
+        stop.restore()
+        progress.close()
+        log_file.close()
+
+    # -- export
+    if cfg.export_hf and step == cfg.steps and "stopped" not in summary:
+        out = os.path.join(cfg.workdir, "hf")
+        checkpoint.export_hf(state.params, config, out)
+        log(f"exported HF safetensors to {out}")
+    ckpts.close()
+    losses = [l for _, l in summary.pop("losses")]
+    summary.update(end_step=step, wall_time=time.perf_counter() - t_start,
+                   loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                   loss_first10_mean=float(np.mean(losses[:10])) if losses else None,
+                   loss_last10_mean=float(np.mean(losses[-10:])) if losses else None)
+    return summary

@@ -1,0 +1,153 @@
+"""What a run reports: model FLOPs (vision tower included), MFU, tokens/s, `metrics.jsonl`, TensorBoard
+events and the progress bar.
+
+FLOPs are model FLOPs of the real (non-padding) tokens and patches, counted per part from the matmul shapes
+(2 per multiply-add): forward; the backward pass's input gradients where a trainable part lies upstream;
+its weight gradients only where the part trains. Frozen parts therefore cost their forward (and
+pass-through) only, which is what the device runs. Attention counts the pairs each packed segment
+attends to (causal: n(n+1)/2 in the LLM; full n^2 per image / temporal slice in the ViT). Recomputation by
+remat is not model work and is not counted, as in the usual MFU definition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from qwen2vl_jax.config import Qwen2VLConfig
+
+# Dense bf16 peak FLOP/s per device (one chip; a v4/v5p chip has two TensorCores, JAX shows one device).
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+)
+
+
+def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def _segment_pairs(segment_ids: np.ndarray, causal: bool) -> float:
+    """Attention pairs of all non-zero segments of all rows; segment_ids (..., L)."""
+    total = 0.0
+    for row in segment_ids.reshape(-1, segment_ids.shape[-1]):
+        n = np.bincount(row)[1:].astype(np.float64)
+        total += float((n * (n + 1) / 2).sum() if causal else (n * n).sum())
+    return total
+
+
+def step_flops(config: Qwen2VLConfig, batch: dict, parts) -> float:
+    """Model FLOPs of one optimizer step over `batch` (host numpy, any leading axes: (k, B, L) etc.)."""
+    t, v = config.text, config.vision
+    parts = set(parts)
+    text_tokens = float((batch["segment_ids"] > 0).sum())
+    patch_seg = batch.get("patch_segment_ids")
+    patches = 0.0 if patch_seg is None else float((patch_seg > 0).sum())
+
+    hd = t.head_dim
+    llm_macs = (t.num_hidden_layers * (t.hidden_size * hd * (t.num_attention_heads + 2 * t.num_key_value_heads)
+                                       + hd * t.num_attention_heads * t.hidden_size
+                                       + 3 * t.hidden_size * t.intermediate_size)
+                + t.hidden_size * t.vocab_size) * text_tokens
+    llm_attn = 2 * t.num_hidden_layers * t.num_attention_heads * hd * _segment_pairs(batch["segment_ids"], True)
+    e = v.embed_dim
+    vit_macs = (v.patch_dim * e + v.depth * (4 * e * e + 2 * e * v.mlp_dim)) * patches
+    vit_attn = 0.0 if patch_seg is None else 2 * v.depth * e * _segment_pairs(patch_seg, False)
+    merger_macs = (v.merge_unit * e * v.merge_unit * e + v.merge_unit * e * v.hidden_size) * patches / v.merge_unit
+
+    def cost(macs, attn, input_grads, weight_grads):
+        return 2 * macs * (1 + input_grads + weight_grads) + 2 * attn * (1 + 2 * input_grads)
+
+    return (cost(llm_macs, llm_attn, True, "llm" in parts)
+            + cost(merger_macs, 0.0, "vit" in parts, "merger" in parts)
+            + cost(vit_macs, vit_attn, "vit" in parts, "vit" in parts))
+
+
+# -- writers ----------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """`<workdir>/metrics.jsonl` (one object per logged step) and TensorBoard events in
+    `<workdir>/tensorboard`. On resume, records past the restored step are dropped first, so the file
+    reads as one run."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        self.file = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
+class Progress:
+    """A tqdm bar over optimizer steps with loss, tokens/s and step time."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, tokens_per_s: float, step_time: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {step_time * 1e3:.0f} ms/step",
+                                     refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StepTimer:
+    """Wall time between consecutive step completions (the first one includes compilation)."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
