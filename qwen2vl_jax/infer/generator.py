@@ -75,14 +75,14 @@ class Generator:
             batch_axes = (batch_axes,)
         self._batch_axes = tuple(batch_axes or ())
         self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in self._batch_axes])) if self.mesh else 1
-        self._prefill = jax.jit(functools.partial(prefill, module), static_argnames=("cache_len", "with_seen"))
-        self._decode = jax.jit(functools.partial(decode, module),
-                               static_argnames=("prompt_len", "max_new_tokens", "sampler", "return_logits"))
+        # Part of the compile key: the logical constraints traced under a mesh depend on the rules.
+        self._key = dict(module=module, rules=self.rules if self.mesh else None)
 
     # -- host: prompts -> device layout ------------------------------------------------------------
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None) -> Prompt:
+                pixel_values_videos=None, video_grid_thw=None, min_rows: int = 0) -> Prompt:
+        """`min_rows`: pad the batch with empty rows up to this many (a fixed batch size compiles once)."""
         c = self.config
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
@@ -95,7 +95,7 @@ class Generator:
             raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         _left_padded(mask)
         # Rows to a multiple of the data shards, slots to a length bucket: both as extra left padding.
-        rows = -(-b // self.batch_multiple) * self.batch_multiple
+        rows = -(-max(b, min_rows) // self.batch_multiple) * self.batch_multiple
         length = kv.bucket(l, self.min_bucket)
         pids = np.full((rows, length), c.pad_token_id, np.int64)
         pmask = np.zeros((rows, length), np.int32)
@@ -133,19 +133,18 @@ class Generator:
         kv_seg = np.concatenate([b["segment_ids"], np.ones((len(b["segment_ids"]), s - prompt.length), np.int32)], 1)
         kv_seg = self._put(kv_seg, 0)
         with self._context():
-            logits, cache, seen = self._prefill(params, batch, kv_seg, cache_len=s,
-                                                with_seen=Sampler.of(cfg).penalty)
+            logits, cache, seen = _prefill(params, batch, kv_seg, cache_len=s, with_seen=Sampler.of(cfg).penalty,
+                                           **self._key)
         return logits, cache, seen, kv_seg
 
     def finish(self, params, prompt: Prompt, state, cfg: GenerationConfig, key, return_logits=False) -> Decoded:
-        """The decode loop from a prefill state (the cache in `state` is donated)."""
+        """The decode loop from a prefill state."""
         logits, cache, seen, kv_seg = state
         with self._context():
-            return self._decode(params, cache, logits, seen, kv_seg, self._put(prompt.next_pos, 0), key,
-                                Knobs.of(cfg), np.asarray(cfg.eos_token_id or (-1,), np.int32),
-                                np.int32(cfg.pad_token_id), prompt_len=prompt.length,
-                                max_new_tokens=cfg.max_new_tokens, sampler=Sampler.of(cfg),
-                                return_logits=return_logits)
+            return _decode(params, cache, logits, seen, kv_seg, self._put(prompt.next_pos, 0), key,
+                           Knobs.of(cfg), np.asarray(cfg.eos_token_id or (-1,), np.int32),
+                           np.int32(cfg.pad_token_id), prompt_len=prompt.length, max_new_tokens=cfg.max_new_tokens,
+                           sampler=Sampler.of(cfg), return_logits=return_logits, **self._key)
 
     def generate(self, params, prompt: Prompt, cfg: GenerationConfig, seed: int | jax.Array = 0,
                  return_logits: bool = False) -> Output:
@@ -155,6 +154,23 @@ class Generator:
         tokens = np.asarray(out.tokens)[:prompt.rows, :steps]
         logits = None if out.logits is None else np.asarray(out.logits)[:prompt.rows, :steps]
         return Output(np.concatenate([prompt.input_ids, tokens], axis=1), steps, logits)
+
+
+# Module-level jits keyed on the (hashable) module: every model object of one architecture shares the programs.
+@functools.partial(jax.jit, static_argnames=("module", "rules", "cache_len", "with_seen"))
+def _prefill(params, batch, kv_segment_ids, *, module, rules, cache_len, with_seen):
+    del rules
+    return prefill(module, params, batch, kv_segment_ids, cache_len, with_seen)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "rules", "prompt_len", "max_new_tokens", "sampler",
+                                             "return_logits"))
+def _decode(params, cache, logits, seen, kv_segment_ids, next_pos, key, knobs, eos, pad, *, module, rules,
+            prompt_len, max_new_tokens, sampler, return_logits):
+    del rules
+    return decode(module, params, cache, logits, seen, kv_segment_ids, next_pos, key, knobs, eos, pad,
+                  prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampler=sampler,
+                  return_logits=return_logits)
 
 
 def _pad_patches(batch: dict, p: int) -> dict:

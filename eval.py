@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Score a Qwen2-VL checkpoint on a JSONL set: batched generation, then answer metrics.
+
+    python eval.py                                  # the demo: latest checkpoint of `python train.py`,
+                                                    # scored on the generated held-out set
+    python eval.py --checkpoint DIR [--data FILE.jsonl] [--config configs/eval.yaml] [key=value ...]
+
+DIR is a Hugging Face checkpoint (config.json + *.safetensors) or an orbax training checkpoint (a workdir, its
+checkpoints/ directory or one step directory). Records use the training format (DESIGN.md); the last
+assistant turn of each is the reference answer. Writes <out>/predictions.jsonl and <out>/metrics.json and
+prints the metrics. Every key of configs/eval.yaml can be overridden as key=value (e.g. prompt_style=lmms
+batch_size=16 max_new_tokens=16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import yaml
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+METRICS = ["exact_match", "vqa_accuracy", "anls", "relaxed_accuracy"]
+
+
+@dataclasses.dataclass
+class Mesh:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    checkpoint: str = ""            # HF dir or orbax workdir / step dir; empty = the demo run's latest checkpoint
+    data: str = ""                  # JSONL; empty = the demo's held-out set
+    out: str = ""                   # output dir; empty = <workdir>/eval/<step> (orbax) or <checkpoint>/eval (HF)
+    prompt_style: str = "plain"     # plain | lmms (appends "Answer the question using a single word or phrase.")
+    metrics: list[str] = dataclasses.field(default_factory=lambda: list(METRICS))
+    batch_size: int = 8             # prompts per generate call (the last batch is padded to it)
+    limit: int = 0                  # score only the first N records (0 = all)
+    skip_budget: int = 0            # bad records that may be skipped (counted in metrics.json) before stopping
+    dtype: str = "float32"          # compute and param dtype: float32 | bfloat16
+    processor: str = ""             # HF dir with tokenizer.json; empty = the checkpoint's, else by vocabulary
+    max_new_tokens: int = 32
+    do_sample: bool = False         # greedy by default, as lmms-eval scores
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    progress: bool = True
+    mesh: Mesh = dataclasses.field(default_factory=Mesh)
+
+
+# -- configuration ---------------------------------------------------------------------------------------
+
+def load_config(path: str | None, overrides: list[str]) -> EvalConfig:
+    from qwen2vl_jax.train.config import RunConfigError, _build, _set_dotted
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise RunConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} is not key=value (e.g. batch_size=16 or prompt_style=lmms)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(EvalConfig, raw, path or "defaults", "")
+    if cfg.prompt_style not in ("plain", "lmms"):
+        raise RunConfigError(f"prompt_style must be plain or lmms, got {cfg.prompt_style!r}")
+    if cfg.batch_size < 1:
+        raise RunConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    return cfg
+
+
+def demo_defaults() -> tuple[str, str]:
+    """(workdir, held-out JSONL) of the demo run that a bare `python train.py` makes."""
+    from qwen2vl_jax.data import synthetic
+    from qwen2vl_jax.train import config as run_config
+    run = run_config.load(DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None, [])
+    data_dir = run.data.synthetic_dir or os.path.join(run.workdir, "synthetic")
+    return run.workdir, synthetic.heldout_path(data_dir)
+
+
+# -- model and processor ---------------------------------------------------------------------------------
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
+
+
+def load_model(cfg: EvalConfig):
+    """(Qwen2VL, the checkpoint's step dir or HF dir, default output dir)."""
+    import jax
+    import qwen2vl_jax as qv
+    from qwen2vl_jax import sharding
+    mesh = None
+    if jax.device_count() > 1:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    path = cfg.checkpoint
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
+                                "workdir (run `python train.py` first for the demo)")
+    if is_hf_dir(path):
+        return qv.load_pretrained(path, dtype=cfg.dtype, mesh=mesh), path, os.path.join(path, "eval")
+    from qwen2vl_jax.api import Qwen2VL, logical_specs
+    from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+    from qwen2vl_jax.train import checkpoint
+    step_dir = checkpoint.step_dir(path)
+    config = checkpoint.read_model_config(step_dir)
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.tree_shardings(logical_specs(Qwen2VLModule(config)), mesh)
+    config, params = checkpoint.restore_params(step_dir, shardings=shardings)
+    dtype = jax.numpy.bfloat16 if cfg.dtype == "bfloat16" else jax.numpy.float32
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    workdir = os.path.dirname(os.path.dirname(step_dir))
+    return Qwen2VL(config, params, dtype=cfg.dtype), step_dir, os.path.join(workdir, "eval",
+                                                                              os.path.basename(step_dir))
+
+
+def make_processor(cfg: EvalConfig, config, checkpoint_dir: str):
+    """The processor named by `processor=`, else the checkpoint's own tokenizer, else one that fits the
+    vocabulary: the real Qwen2 vocabulary for a full-size model, a byte tokenizer for small test models."""
+    from qwen2vl_jax.data import Processor
+    for path in (cfg.processor, checkpoint_dir):
+        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return Processor.from_pretrained(path)
+    if cfg.processor:
+        raise FileNotFoundError(f"processor={cfg.processor}: no tokenizer.json there")
+    if config.text.vocab_size >= 151657:
+        return Processor.default()
+    return Processor.from_config(config)
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--checkpoint", help="HF checkpoint dir, or an orbax training workdir / step dir")
+    parser.add_argument("--data", help="JSONL evaluation set (training format; last assistant turn = reference)")
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/eval.yaml when present)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = parser.parse_args(argv)
+    default_yaml = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval.yaml")
+    cfg = load_config(args.config or (default_yaml if os.path.exists(default_yaml) else None),
+                      args.overrides + [f"checkpoint={args.checkpoint}"] * bool(args.checkpoint)
+                      + [f"data={args.data}"] * bool(args.data))
+    if not cfg.checkpoint or not cfg.data:
+        workdir, heldout = demo_defaults()
+        cfg.checkpoint = cfg.checkpoint or workdir
+        cfg.data = cfg.data or heldout
+
+    from qwen2vl_jax.data import DataError
+    from qwen2vl_jax.infer import GenerationConfig
+    from qwen2vl_jax.infer import evaluate as ev
+
+    model, ckpt_dir, default_out = load_model(cfg)
+    processor = make_processor(cfg, model.config, ckpt_dir)
+    skipped = []
+
+    def on_error(e: DataError):
+        skipped.append(str(e))
+        if len(skipped) > cfg.skip_budget:
+            raise DataError(f"{e} (more than skip_budget={cfg.skip_budget} bad records)")
+        print(f"skipping: {e}", file=sys.stderr)
+
+    examples = ev.read_examples(cfg.data, cfg.prompt_style, cfg.limit or None, on_error)
+    eos = tuple(dict.fromkeys([processor.eos_token_id, processor.pad_token_id, model.config.eos_token_id]))
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                           eos_token_id=eos, pad_token_id=processor.pad_token_id)
+    report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress)
+    out = cfg.out or default_out
+    extra = {"checkpoint": os.path.abspath(ckpt_dir), "data": os.path.abspath(cfg.data),
+             "prompt_style": cfg.prompt_style, "skipped": len(skipped),
+             "generation": dataclasses.asdict(gen)}
+    pred_path, metrics_path = ev.write_report(report, out, extra)
+
+    m = report.metrics
+    base = m["majority_baseline"]
+    print(f"{m['count']} examples from {cfg.data}, checkpoint {ckpt_dir}")
+    for name in cfg.metrics:
+        print(f"  {name:<17} {100 * m[name]:6.2f}   (majority baseline {100 * base[name]:6.2f})")
+    print(f"predictions: {pred_path}\nmetrics:     {metrics_path}")
+    print(json.dumps({k: m[k] for k in cfg.metrics} | {"count": m["count"]}))
+    return {**m, **extra}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Scoring a checkpoint on a JSONL set: prompts from records, batched generation, answer metrics.
+
+A record is a conversation in the DESIGN.md data format; its last assistant turn is the reference answer and
+everything before it is the prompt. An optional `"answers": [...]` field gives further references (e.g. the
+ten human answers of VQAv2) and an optional `"id"` names the example in the predictions.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from qwen2vl_jax import metrics as M
+from qwen2vl_jax.data.records import DataError, parse_record
+from qwen2vl_jax.infer.config import GenerationConfig
+
+# lmms-eval's post-prompt for short-answer VQA tasks (VQAv2, TextVQA, DocVQA, ChartQA, ...).
+LMMS_POST_PROMPT = "Answer the question using a single word or phrase."
+PROMPT_STYLES = ("plain", "lmms")
+
+
+@dataclasses.dataclass
+class Example:
+    id: str
+    source: str                 # "file:line"
+    prompt: list[dict]          # canonical messages up to and including the last user turn
+    references: list[str]
+    question: str               # text of the last user turn (reports and the blind baseline)
+
+
+def _text(message: dict) -> str:
+    return "".join(it["text"] for it in message["content"] if it["type"] == "text")
+
+
+def with_prompt_style(messages: list[dict], style: str) -> list[dict]:
+    """`lmms`: the lmms-eval post-prompt on a new line after the question (last user turn)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt_style {style!r}; choose one of {PROMPT_STYLES}")
+    if style == "plain":
+        return messages
+    last = messages[-1]
+    content = list(last["content"])
+    if content and content[-1]["type"] == "text":
+        content[-1] = {**content[-1], "text": content[-1]["text"].rstrip() + "\n" + LMMS_POST_PROMPT}
+    else:
+        content.append({"type": "text", "text": LMMS_POST_PROMPT})
+    return messages[:-1] + [{**last, "content": content}]
+
+
+def read_examples(path: str, prompt_style: str = "plain", limit: int | None = None,
+                  on_error: Callable[[DataError], None] | None = None) -> list[Example]:
+    """Examples of a JSONL file. A bad record raises `DataError("file:line: ...")`, or goes to `on_error`."""
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the evaluation data ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                out.append(_example(line, source, base, prompt_style))
+            except DataError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise DataError(f"{path}: no evaluation records")
+    return out
+
+
+def _example(line: str, source: str, base: str, prompt_style: str) -> Example:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
+    record = parse_record(obj, source, base)
+    messages = record.messages
+    if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
+        raise DataError(f"{source}: an evaluation record must end with a user turn and the assistant's reference "
+                        "answer; the last assistant turn is the reference")
+    references = [_text(messages[-1]).strip()]
+    extra = obj.get("answers")
+    if extra is not None:
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise DataError(f"{source}: 'answers' must be a list of strings (extra reference answers)")
+        references += [a.strip() for a in extra if a.strip() and a.strip() not in references]
+    prompt = with_prompt_style(messages[:-1], prompt_style)
+    return Example(str(obj.get("id", source)), source, prompt, references, _text(messages[-2]).strip())
+
+
+def collate(encoded: Sequence[dict], pad_id: int) -> dict:
+    """Encoded prompts -> one HF-style batch, left-padded (pixels concatenated in row order)."""
+    length = max(len(e["input_ids"]) for e in encoded)
+    ids = np.full((len(encoded), length), pad_id, np.int32)
+    mask = np.zeros((len(encoded), length), np.int32)
+    for r, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[r, length - n:], mask[r, length - n:] = e["input_ids"], 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        grids = [e[grid] for e in encoded if len(e.get(grid, ()))]
+        if grids:
+            batch[pixels] = np.concatenate([e[pixels] for e in encoded if len(e.get(grid, ()))])
+            batch[grid] = np.concatenate(grids)
+    return batch
+
+
+def answer(tokens: np.ndarray, eos: Iterable[int], processor) -> tuple[str, int]:
+    """(text of the generated tokens before the first stop token, tokens generated including that stop)."""
+    stops = np.flatnonzero(np.isin(tokens, list(eos)))
+    n = int(stops[0]) if len(stops) else len(tokens)
+    return processor.decode(tokens[:n], skip_special_tokens=True).strip(), min(n + 1, len(tokens))
+
+
+def majority_baseline(examples: Sequence[Example], names: Sequence[str]) -> dict:
+    """Scores of the best blind guess: for each distinct question, the reference answer it has most often.
+    Fitted on the evaluation set itself, so it is an upper bound on what ignoring the image can score."""
+    by_question = collections.defaultdict(collections.Counter)
+    for ex in examples:
+        by_question[ex.question][ex.references[0]] += 1
+    guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    return M.aggregate([M.score_all(guess[ex.question], ex.references, names) for ex in examples], names)
+
+
+@dataclasses.dataclass
+class Report:
+    predictions: list[dict]
+    metrics: dict
+
+
+def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfig, batch_size: int = 8,
+             names: Sequence[str] = tuple(M.METRICS), seed: int = 0, progress: bool = True) -> Report:
+    """Generate an answer for every example (batches of `batch_size`, padded to that size so one shape is
+    compiled per length bucket) and score it. The next batch is tokenised and patchified on a host thread
+    while the device generates."""
+    from qwen2vl_jax.infer import generator_for
+    gen = generator_for(model)
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+
+    def encode(batch):
+        enc = [processor.encode_example(ex.prompt, require_assistant=False, add_generation_prompt=True,
+                                        source=ex.source) for ex in batch]
+        return collate(enc, processor.pad_token_id)
+
+    bar = _progress(len(examples), progress)
+    predictions, new_tokens, start = [], 0, time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(encode, batches[0])
+        for i, batch in enumerate(batches):
+            inputs = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(encode, batches[i + 1])
+            prompt = gen.prepare(**inputs, min_rows=batch_size)
+            out = gen.generate(model.params, prompt, cfg, seed=seed + i)
+            length = inputs["input_ids"].shape[1]
+            for ex, row in zip(batch, out.sequences[:, length:]):
+                text, n = answer(row, cfg.eos_token_id, processor)
+                new_tokens += n
+                predictions.append({"id": ex.id, "question": ex.question, "prediction": text,
+                                    "references": ex.references, **M.score_all(text, ex.references, names)})
+            bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = M.aggregate(predictions, names)
+    summary["majority_baseline"] = majority_baseline(examples, names)
+    summary.update(seconds=round(seconds, 2), generated_tokens=new_tokens,
+                   examples_per_s=round(len(examples) / seconds, 3))
+    return Report(predictions, summary)
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, unit="ex", desc="eval", dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def write_report(report: Report, out_dir: str, extra: dict | None = None) -> tuple[str, str]:
+    """`predictions.jsonl` (one line per example) and `metrics.json` in `out_dir`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    pred_path, metrics_path = os.path.join(out_dir, "predictions.jsonl"), os.path.join(out_dir, "metrics.json")
+    with open(pred_path, "w", encoding="utf-8") as f:
+        for p in report.predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    with open(metrics_path, "w", encoding="utf-8") as f:
+        json.dump({**report.metrics, **(extra or {})}, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return pred_path, metrics_path
