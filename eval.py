@@ -82,13 +82,37 @@ def load_config(path: str | None, overrides: list[str]) -> EvalConfig:
     return cfg
 
 
-def demo_defaults() -> tuple[str, str]:
-    """(workdir, held-out JSONL) of the demo run that a bare `python train.py` makes."""
-    from qwen2vl_jax.data import synthetic
+def demo_workdir() -> str:
+    """The workdir of the demo run that a bare `python train.py` makes (configs/demo.yaml)."""
     from qwen2vl_jax.train import config as run_config
-    run = run_config.load(DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None, [])
-    data_dir = run.data.synthetic_dir or os.path.join(run.workdir, "synthetic")
-    return run.workdir, synthetic.heldout_path(data_dir)
+    return run_config.load(DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None, []).workdir
+
+
+def training_run(step_dir: str):
+    """The RunConfig an orbax checkpoint was trained with (its `run` item), or None when unreadable."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+    from qwen2vl_jax.train.config import RunConfig, RunConfigError, _build
+    try:
+        raw = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "run")
+        raw = {k: v for k, v in dict(raw).items() if k != "trainable_parts"}
+        return _build(RunConfig, raw, os.path.join(step_dir, "run"), "")
+    except (FileNotFoundError, RunConfigError, TypeError, ValueError):
+        return None
+
+
+def default_data(run, step_dir: str) -> str:
+    """The held-out split of the generated set a run trained on; only synthetic-data runs have one."""
+    if run is None or run.data.train != "synthetic":
+        raise ValueError("no --data given and the checkpoint was not trained on the generated demo set; "
+                         "give --data FILE.jsonl")
+    from qwen2vl_jax.data import synthetic
+    workdir = os.path.dirname(os.path.dirname(step_dir))   # where the checkpoint is, wherever eval runs from
+    path = synthetic.heldout_path(run.data.synthetic_dir or os.path.join(workdir, "synthetic"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the run's held-out set is missing; run `python train.py` again "
+                                "(it regenerates the set) or give --data FILE.jsonl")
+    return path
 
 
 # -- model and processor ---------------------------------------------------------------------------------
@@ -99,7 +123,7 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_model(cfg: EvalConfig):
-    """(Qwen2VL, the checkpoint's step dir or HF dir, default output dir)."""
+    """(Qwen2VL, the HF dir or checkpoint step dir, default output dir, training RunConfig or None)."""
     import jax
     import qwen2vl_jax as qv
     from qwen2vl_jax import sharding
@@ -108,10 +132,10 @@ def load_model(cfg: EvalConfig):
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     path = cfg.checkpoint
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
-                                "workdir (run `python train.py` first for the demo)")
+        raise FileNotFoundError(f"checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
+                                "workdir (for the demo, run `python train.py` first)")
     if is_hf_dir(path):
-        return qv.load_pretrained(path, dtype=cfg.dtype, mesh=mesh), path, os.path.join(path, "eval")
+        return qv.load_pretrained(path, dtype=cfg.dtype, mesh=mesh), path, os.path.join(path, "eval"), None
     from qwen2vl_jax.api import Qwen2VL, logical_specs
     from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
     from qwen2vl_jax.train import checkpoint
@@ -123,20 +147,23 @@ def load_model(cfg: EvalConfig):
     config, params = checkpoint.restore_params(step_dir, shardings=shardings)
     dtype = jax.numpy.bfloat16 if cfg.dtype == "bfloat16" else jax.numpy.float32
     params = jax.tree.map(lambda x: x.astype(dtype), params)
-    workdir = os.path.dirname(os.path.dirname(step_dir))
-    return Qwen2VL(config, params, dtype=cfg.dtype), step_dir, os.path.join(workdir, "eval",
-                                                                              os.path.basename(step_dir))
+    out = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "eval", os.path.basename(step_dir))
+    return Qwen2VL(config, params, dtype=cfg.dtype), step_dir, out, training_run(step_dir)
 
 
-def make_processor(cfg: EvalConfig, config, checkpoint_dir: str):
-    """The processor named by `processor=`, else the checkpoint's own tokenizer, else one that fits the
-    vocabulary: the real Qwen2 vocabulary for a full-size model, a byte tokenizer for small test models."""
+def make_processor(cfg: EvalConfig, config, checkpoint_dir: str, run=None):
+    """`processor=` if given, else the checkpoint's own tokenizer, else the training run's processor (same
+    tokenizer and image settings), else one that fits the vocabulary: the real Qwen2 vocabulary for a
+    full-size model, a byte tokenizer for small test models."""
     from qwen2vl_jax.data import Processor
     for path in (cfg.processor, checkpoint_dir):
         if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path)
     if cfg.processor:
         raise FileNotFoundError(f"processor={cfg.processor}: no tokenizer.json there")
+    if run is not None:
+        from qwen2vl_jax.train.data import processor
+        return processor(run, config)
     if config.text.vocab_size >= 151657:
         return Processor.default()
     return Processor.from_config(config)
@@ -156,17 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config or (default_yaml if os.path.exists(default_yaml) else None),
                       args.overrides + [f"checkpoint={args.checkpoint}"] * bool(args.checkpoint)
                       + [f"data={args.data}"] * bool(args.data))
-    if not cfg.checkpoint or not cfg.data:
-        workdir, heldout = demo_defaults()
-        cfg.checkpoint = cfg.checkpoint or workdir
-        cfg.data = cfg.data or heldout
+    cfg.checkpoint = cfg.checkpoint or demo_workdir()
 
     from qwen2vl_jax.data import DataError
     from qwen2vl_jax.infer import GenerationConfig
     from qwen2vl_jax.infer import evaluate as ev
 
-    model, ckpt_dir, default_out = load_model(cfg)
-    processor = make_processor(cfg, model.config, ckpt_dir)
+    model, ckpt_dir, default_out, run = load_model(cfg)
+    cfg.data = cfg.data or default_data(run, ckpt_dir)
+    processor = make_processor(cfg, model.config, ckpt_dir, run)
     skipped = []
 
     def on_error(e: DataError):
@@ -192,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{m['count']} examples from {cfg.data}, checkpoint {ckpt_dir}")
     for name in cfg.metrics:
         print(f"  {name:<17} {100 * m[name]:6.2f}   (majority baseline {100 * base[name]:6.2f})")
+    for task, t in m.get("by_task", {}).items():
+        print(f"    {task:<15} {100 * t[cfg.metrics[0]]:6.2f}   ({t['count']} examples, {cfg.metrics[0]})")
     print(f"predictions: {pred_path}\nmetrics:     {metrics_path}")
     print(json.dumps({k: m[k] for k in cfg.metrics} | {"count": m["count"]}))
     return {**m, **extra}

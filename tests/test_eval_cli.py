@@ -35,7 +35,7 @@ def _write_set(tmp_path, answers):
     lines = []
     for i, ((h, w), q, ans) in enumerate(zip(SIZES, QUESTIONS, answers)):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        lines.append({"id": f"q{i}", "images": [f"{i}.png"],
+        lines.append({"id": f"q{i}", "images": [f"{i}.png"], "meta": {"task": "colour" if i != 1 else "other"},
                       "messages": [{"role": "user", "content": "<image>" + q},
                                    {"role": "assistant", "content": ans}]})
     path = tmp_path / "set.jsonl"
@@ -90,8 +90,9 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
     for name in ("exact_match", "vqa_accuracy", "anls", "relaxed_accuracy"):
         assert metrics[name] == pytest.approx(np.mean([p[name] for p in preds]))
     assert metrics["count"] == 3 and res["count"] == 3
-    # Blind guesses: question A's first-seen answer (right for q0, wrong for q2), question B's only answer.
+    # Blind guesses per task: "colour" gets its first-seen answer (right for q0, wrong for q2), "other" its only one.
     assert metrics["majority_baseline"]["exact_match"] == pytest.approx(2 / 3)
+    assert metrics["by_task"]["colour"]["exact_match"] == 0.5 and metrics["by_task"]["other"]["count"] == 1
 
     # The same params as an orbax training checkpoint give the same answers.
     from qwen2vl_jax.train.checkpoint import Checkpoints

@@ -1,8 +1,9 @@
 """Scoring a checkpoint on a JSONL set: prompts from records, batched generation, answer metrics.
 
 A record is a conversation in the DESIGN.md data format; its last assistant turn is the reference answer and
-everything before it is the prompt. An optional `"answers": [...]` field gives further references (e.g. the
-ten human answers of VQAv2) and an optional `"id"` names the example in the predictions.
+everything before it is the prompt. Optional fields: `"answers": [...]`, further references (e.g. the ten
+human answers of VQAv2); `"id"`, the example's name in the predictions; `"meta": {"task": ...}`, a task
+name for per-task scores (the generated demo set has one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class Example:
     prompt: list[dict]          # canonical messages up to and including the last user turn
     references: list[str]
     question: str               # text of the last user turn (reports and the blind baseline)
+    task: str | None = None     # meta.task of the record, for per-task scores
+
+    @property
+    def question_type(self) -> str:
+        """The task, else the question's first three words (the VQA paper's question types)."""
+        return self.task or " ".join(self.question.lower().split()[:3])
 
 
 def _text(message: dict) -> str:
@@ -98,7 +105,10 @@ def _example(line: str, source: str, base: str, prompt_style: str) -> Example:
             raise DataError(f"{source}: 'answers' must be a list of strings (extra reference answers)")
         references += [a.strip() for a in extra if a.strip() and a.strip() not in references]
     prompt = with_prompt_style(messages[:-1], prompt_style)
-    return Example(str(obj.get("id", source)), source, prompt, references, _text(messages[-2]).strip())
+    meta = obj.get("meta")
+    task = meta.get("task") if isinstance(meta, dict) else None
+    return Example(str(obj.get("id", source)), source, prompt, references, _text(messages[-2]).strip(),
+                   None if task is None else str(task))
 
 
 def collate(encoded: Sequence[dict], pad_id: int) -> dict:
@@ -126,13 +136,14 @@ def answer(tokens: np.ndarray, eos: Iterable[int], processor) -> tuple[str, int]
 
 
 def majority_baseline(examples: Sequence[Example], names: Sequence[str]) -> dict:
-    """Scores of the best blind guess: for each distinct question, the reference answer it has most often.
-    Fitted on the evaluation set itself, so it is an upper bound on what ignoring the image can score."""
-    by_question = collections.defaultdict(collections.Counter)
+    """Chance level: the scores of answering every question with the most common reference answer of its
+    question type (the "per Q-type prior" of the VQA paper). Fitted on the evaluation set itself, so it is
+    a slightly optimistic guess that never looks at the image."""
+    by_type = collections.defaultdict(collections.Counter)
     for ex in examples:
-        by_question[ex.question][ex.references[0]] += 1
-    guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
-    return M.aggregate([M.score_all(guess[ex.question], ex.references, names) for ex in examples], names)
+        by_type[ex.question_type][ex.references[0]] += 1
+    guess = {q: c.most_common(1)[0][0] for q, c in by_type.items()}
+    return M.aggregate([M.score_all(guess[ex.question_type], ex.references, names) for ex in examples], names)
 
 
 @dataclasses.dataclass
@@ -176,6 +187,10 @@ def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfi
     seconds = time.perf_counter() - start
     summary = M.aggregate(predictions, names)
     summary["majority_baseline"] = majority_baseline(examples, names)
+    tasks = sorted({ex.task for ex in examples if ex.task is not None})
+    if tasks:
+        summary["by_task"] = {t: M.aggregate([p for p, ex in zip(predictions, examples) if ex.task == t], names)
+                              for t in tasks}
     summary.update(seconds=round(seconds, 2), generated_tokens=new_tokens,
                    examples_per_s=round(len(examples) / seconds, 3))
     return Report(predictions, summary)
