@@ -48,7 +48,9 @@ class DataConfig:
     buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [[256, 64]])  # (text_len, patch_len)
     window: int = 64                       # look-ahead of the packer (examples)
     workers: int = 0                       # grain worker processes (0 = in the training process)
-    skip_budget: int = 0                   # bad records a run may skip before it stops
+    skip_budget: int = 0                   # bad records a host may skip before the run stops
+    truncate: bool = False                 # cut over-long examples in their text tail instead of skipping
+    tokenizer: str = ""                    # an HF dir with tokenizer.json; default: the model's, see data.py
     image_min_pixels: int = 3136
     image_max_pixels: int = 12845056
     synthetic_size: int = 2000             # examples of the generated demo set
@@ -71,6 +73,7 @@ class RunConfig:
     trainable: list[str] | None = None     # parts to train (vit, merger, llm); default: the stage's
     dtype: str = "bfloat16"                # compute dtype; params and optimizer state stay float32
     remat: str = "none"                    # none | full | dots | dots_no_batch
+    attn_impl: str = "auto"                # xla | blockwise | splash | cudnn | auto (splash on TPU)
     grad_accum: int = 1                    # micro-batches per optimizer step
     z_loss: float = 0.0                    # weight of logsumexp(logits)^2 per target token
     loss_chunk: int = 0                    # text positions per logits chunk (0 = whole rows at once)
@@ -84,6 +87,7 @@ class RunConfig:
     export_hf: bool = True                 # write <workdir>/hf (safetensors) at the end
     peak_tflops: float = 0.0               # per device, for MFU where the device kind is not known
     progress: bool = True                  # the tqdm bar
+    compile_cache: str = ""                # a dir for jax's persistent compilation cache (reruns skip compiling)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -104,6 +104,8 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
 
     # -- devices and mesh
+    if cfg.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
     sharding.initialize_distributed()
     mesh = sharding.mesh_from_config(cfg.mesh)
     batches.check_rows(cfg.data.batch_size, mesh)
@@ -113,7 +115,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     # -- model and optimizer
     config = model_config(cfg)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat)
+    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
     parts = trainable_parts(cfg)
     tx = optim.make_optimizer(cfg.optim, parts)
     schedules = optim.schedules(cfg.optim, parts)
@@ -142,7 +144,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
     log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
-        f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}")
+        f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
 
     step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
                      z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)

@@ -80,8 +80,9 @@ def state_shardings(module: Qwen2VLModule, tx: optax.GradientTransformation, par
 
 def init_state(module: Qwen2VLModule, tx: optax.GradientTransformation, parts, shardings: TrainState,
                seed: int, params=None) -> TrainState:
-    """A fresh state: params from `params` (already placed, e.g. loaded from HF) or initialised from `seed`
-    directly in their shardings; optimizer state zero-initialised in its shardings."""
+    """A fresh state: params from `params` (e.g. loaded from HF; placed if they are not yet) or initialised
+    from `seed` directly in their shardings; optimizer state zero-initialised in its shardings. The state
+    owns `params`: the first step donates their buffers."""
     key = jax.random.key(seed)
     init_key, step_key = jax.random.split(key)
     if params is None:

@@ -1,0 +1,56 @@
+"""The training data of a run: the grain pipeline over the configured JSONL files (or the generated demo set),
+with the processor that matches the model's vocabulary, each host reading its own shard of every batch."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.data import Processor
+from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
+from qwen2vl_jax.train.config import RunConfig
+
+REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer (REFERENCE 4.1); smaller models use a byte tokenizer
+
+
+def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
+    """`data.tokenizer` (an HF dir with tokenizer.json) if set, else the model's own HF dir when it has one,
+    else the Qwen2 vocabulary for full-size models and a byte-level tokenizer at the config's ids for small
+    test models such as the demo's."""
+    kw = dict(image_min_pixels=cfg.data.image_min_pixels, image_max_pixels=cfg.data.image_max_pixels)
+    for path in (cfg.data.tokenizer, cfg.init_from, cfg.model):
+        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return Processor.from_pretrained(path, **kw)
+    if cfg.data.tokenizer:
+        raise FileNotFoundError(f"data.tokenizer = {cfg.data.tokenizer}: no tokenizer.json there")
+    if config.text.vocab_size >= REAL_VOCAB:
+        return Processor.default(**kw)
+    return Processor.from_config(config, **kw)
+
+
+def train_files(cfg: RunConfig) -> str:
+    """The JSONL path(s) to train on; "synthetic" generates the demo set first (once; it is reused)."""
+    if cfg.data.train != "synthetic":
+        return cfg.data.train
+    from qwen2vl_jax.data import synthetic
+    out = cfg.data.synthetic_dir or os.path.join(cfg.workdir, "synthetic")
+    if jax.process_index() == 0:
+        synthetic.generate(out, size=cfg.data.synthetic_size)
+    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a shared filesystem)
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("synthetic data written")
+    return synthetic.train_path(out)
+
+
+def make_source(cfg: RunConfig, config: Qwen2VLConfig) -> Loader:
+    """Batches of `data.batch_size / process_count` rows (this host's share), with exact get/set_state."""
+    hosts = jax.process_count()
+    if cfg.data.batch_size % hosts:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not split over {hosts} hosts")
+    pipeline = PipelineConfig(
+        buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=cfg.data.batch_size // hosts,
+        window=cfg.data.window, seed=cfg.seed, workers=cfg.data.workers, skip_budget=cfg.data.skip_budget,
+        truncate=cfg.data.truncate)
+    return make_loader(train_files(cfg), processor(cfg, config), config, pipeline)

@@ -1,0 +1,82 @@
+"""Run configs: every shipped YAML loads, overrides are typed, mistakes name the key, stage masks, schedule."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from qwen2vl_jax.train import optim
+from qwen2vl_jax.train.config import RunConfigError, load, trainable_parts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+                       if not os.path.basename(p).startswith("eval"))
+
+
+def test_shipped_configs_load():
+    names = {os.path.basename(p) for p in TRAIN_CONFIGS}
+    assert {"demo.yaml"} | {f"stage{s}_{m}.yaml" for s in (1, 2, 3) for m in ("2b", "7b", "72b")} <= names
+    for path in TRAIN_CONFIGS:
+        cfg = load(path)
+        name = os.path.basename(path)
+        if name.startswith("stage"):
+            assert cfg.stage == int(name[5]), name
+            assert cfg.model == name.split("_")[1][:-5], name
+            assert cfg.dtype == "bfloat16" and cfg.remat != "none", name
+
+
+def test_overrides_are_typed():
+    cfg = load(os.path.join(ROOT, "configs", "demo.yaml"),
+               ["steps=12", "mesh.fsdp=4", "optim.lr=3e-4", "optim.part_lr.vit=1e-5", "data.buckets=[[128, 32]]",
+                "trainable=merger,llm", "export_hf=false", "workdir=/tmp/x", "init_from="])
+    assert cfg.steps == 12 and cfg.mesh.fsdp == 4 and cfg.workdir == "/tmp/x" and cfg.init_from == ""
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float) and cfg.optim.part_lr == {"vit": 1e-5}
+    assert cfg.data.buckets == [[128, 32]] and cfg.export_hf is False
+    assert trainable_parts(cfg) == ("merger", "llm")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr"),
+    ("stepz=3", "unknown key stepz; did you mean steps"),
+    ("steps=many", "steps = 'many' is not a valid int"),
+    ("steps=2.5", "steps = 2.5 is not a valid int"),
+    ("stage=4", "stage must be 1, 2 or 3"),
+    ("trainable=vit,lm", "trainable must be a non-empty subset"),
+    ("remat=some", "remat must be none, full, dots or dots_no_batch"),
+    ("init.vision=/x", "init.vision and init.llm go together"),
+    ("steps", "is not key=value"),
+])
+def test_mistakes_name_the_key(override, message):
+    with pytest.raises(RunConfigError, match=message):
+        load(os.path.join(ROOT, "configs", "demo.yaml"), [override])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 3\nmesh: {data: 1, fsd: 2}\n")
+    with pytest.raises(RunConfigError, match=r"bad.yaml: unknown key mesh.fsd; did you mean mesh.fsdp"):
+        load(str(path))
+
+
+def test_parts_split_and_merge():
+    params = {"visual": {"patch_embed": {"kernel": 1}, "blocks": {"qkv": {"kernel": 2}},
+                         "merger": {"mlp_0": {"kernel": 3}}},
+              "model": {"embed_tokens": {"embedding": 4}, "norm": {"scale": 5}}, "lm_head": {"kernel": 6}}
+    train, frozen = optim.split(params, ("merger", "llm"))
+    assert train == {"visual": {"merger": {"mlp_0": {"kernel": 3}}},
+                     "model": {"embed_tokens": {"embedding": 4}, "norm": {"scale": 5}}, "lm_head": {"kernel": 6}}
+    assert frozen == {"visual": {"patch_embed": {"kernel": 1}, "blocks": {"qkv": {"kernel": 2}}}}
+    assert optim.merge(train, frozen) == params
+
+
+def test_schedule_warmup_cosine_floor():
+    cfg = load(os.path.join(ROOT, "configs", "demo.yaml"),
+               ["optim.lr=1.0", "optim.warmup_steps=10", "optim.decay_steps=100", "optim.end_lr_ratio=0.1",
+                "optim.part_lr.vit=0.5"]).optim
+    s = optim.schedules(cfg, ("vit", "llm"))
+    lr = np.array([float(s["llm"](i)) for i in (0, 5, 10, 60, 110, 500)])
+    # warmup 0 -> 1 over 10 steps; cosine to 0.1 over the next 100; flat after
+    expect = [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 100)), 0.1, 0.1]
+    np.testing.assert_allclose(lr, expect, rtol=1e-6, atol=1e-7)
+    assert float(s["vit"](10)) == pytest.approx(0.5)
