@@ -217,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{m['count']} examples from {cfg.data}, checkpoint {ckpt_dir}")
     for name in cfg.metrics:
         print(f"  {name:<17} {100 * m[name]:6.2f}   (majority baseline {100 * base[name]:6.2f})")
+    if m.get("by_task"):
+        print(f"  by task ({cfg.metrics[0]}):")
     for task, t in m.get("by_task", {}).items():
-        print(f"    {task:<15} {100 * t[cfg.metrics[0]]:6.2f}   ({t['count']} examples, {cfg.metrics[0]})")
+        print(f"    {task:<15} {100 * t[cfg.metrics[0]]:6.2f}   (majority baseline "
+              f"{100 * t['majority_baseline'][cfg.metrics[0]]:6.2f}, {t['count']} examples)")
     print(f"predictions: {pred_path}\nmetrics:     {metrics_path}")
     print(json.dumps({k: m[k] for k in cfg.metrics} | {"count": m["count"]}))
     return {**m, **extra}

@@ -189,8 +189,11 @@ def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfi
     summary["majority_baseline"] = majority_baseline(examples, names)
     tasks = sorted({ex.task for ex in examples if ex.task is not None})
     if tasks:
-        summary["by_task"] = {t: M.aggregate([p for p, ex in zip(predictions, examples) if ex.task == t], names)
-                              for t in tasks}
+        summary["by_task"] = {}
+        for t in tasks:
+            rows = [i for i, ex in enumerate(examples) if ex.task == t]
+            summary["by_task"][t] = {**M.aggregate([predictions[i] for i in rows], names),
+                                     "majority_baseline": majority_baseline([examples[i] for i in rows], names)}
     summary.update(seconds=round(seconds, 2), generated_tokens=new_tokens,
                    examples_per_s=round(len(examples) / seconds, 3))
     return Report(predictions, summary)

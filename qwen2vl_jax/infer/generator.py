@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.infer import cache as kv
@@ -70,11 +70,7 @@ class Generator:
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.rules = tuple(rules or sharding.RULES)
         self.min_bucket = min_bucket
-        batch_axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0] if self.mesh else None
-        if isinstance(batch_axes, str):
-            batch_axes = (batch_axes,)
-        self._batch_axes = tuple(batch_axes or ())
-        self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in self._batch_axes])) if self.mesh else 1
+        self.batch_multiple = sharding.batch_shards(self.mesh, self.rules) if self.mesh else 1
         # Part of the compile key: the logical constraints traced under a mesh depend on the rules.
         self._key = dict(module=module, rules=self.rules if self.mesh else None)
 
@@ -108,11 +104,12 @@ class Generator:
         return Prompt(batch, next_pos, b, ids.astype(np.int32))
 
     def _put(self, x: np.ndarray, batch_axis: int):
+        """Rows split like the logical `batch` axis; every other axis whole."""
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = [None] * x.ndim
-        spec[batch_axis] = self._batch_axes or None
-        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+        axes = [None] * x.ndim
+        axes[batch_axis] = "batch"
+        return jax.device_put(x, NamedSharding(self.mesh, nn.logical_to_mesh_axes(tuple(axes), self.rules)))
 
     @contextlib.contextmanager
     def _context(self):
