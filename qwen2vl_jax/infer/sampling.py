@@ -5,8 +5,13 @@ top-k, top-p; greedy decoding applies only the penalty and takes the argmax. Log
 (HF upcasts the last-position logits before processing).
 
 Top-p with top-k runs on the k survivors only: tokens that top-k removed have probability 0, so they add
-nothing to the cumulative sums, and the result equals HF's full-vocabulary pass without a vocabulary sort. (`lax.top_k` keeps exactly k
-tokens where HF also keeps exact ties with the k-th logit; with float logits such ties do not occur in practice.)
+nothing to the cumulative sums, and the result equals HF's full-vocabulary pass without a vocabulary sort
+(`lax.top_k` keeps exactly k tokens where HF also keeps exact ties with the k-th logit; float logits do not tie
+in practice).
+
+One deliberate difference: the repetition penalty counts only a row's real tokens. HF also counts the left
+padding (<|endoftext|>, one of Qwen2-VL's stop tokens) of the shorter rows, so its answers depend on what else
+is in the batch; here a prompt gets the same answer alone or batched. Unpadded prompts match HF exactly.
 """
 
 from __future__ import annotations
