@@ -171,7 +171,8 @@ def make_processor(cfg: EvalConfig, config, checkpoint_dir: str, run=None):
 
 # -- main ------------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """The whole evaluation; returns the metrics (as written to metrics.json)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", help="HF checkpoint dir, or an orbax training workdir / step dir")
@@ -227,5 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
     return {**m, **extra}
 
 
+def main(argv: list[str] | None = None) -> int:
+    from qwen2vl_jax.data import DataError
+    from qwen2vl_jax.train.config import RunConfigError
+    try:
+        run(argv)
+    except (RunConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"eval.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -80,7 +80,7 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
 
     cli = _cli()
     common = ["--data", data, "batch_size=2", "max_new_tokens=6", "prompt_style=lmms", "progress=false"]
-    res = cli.main(["--checkpoint", path, *common, f"out={tmp_path / 'hf_eval'}"])
+    res = cli.run(["--checkpoint", path, *common, f"out={tmp_path / 'hf_eval'}"])
     preds = [json.loads(x) for x in open(tmp_path / "hf_eval" / "predictions.jsonl")]
     metrics = json.load(open(tmp_path / "hf_eval" / "metrics.json"))
     # Batched (left-padded, padded last batch, different image sizes) == one prompt at a time.
@@ -102,7 +102,7 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
     state = TrainState(step=jax.numpy.int32(7), params=model.params, opt_state={}, rng=jax.numpy.zeros(2, "uint32"))
     ckpts.save(state, 7, None, cfg, {"note": "test"})
     ckpts.close()
-    cli.main(["--checkpoint", str(workdir), *common])
+    cli.run(["--checkpoint", str(workdir), *common])
     orbax_preds = [json.loads(x) for x in open(workdir / "eval" / "7" / "predictions.jsonl")]
     assert [p["prediction"] for p in orbax_preds] == own
 
@@ -110,15 +110,19 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
 def test_bad_records_and_budget(tiny_hf, tmp_path):
     cfg, path = tiny_hf
     data = _write_set(tmp_path, ["a", "b", "c"])
-    with open(data, "a") as f:
+    good = open(data).read()
+    with open(data, "w") as f:   # a record whose <image> tag has no image, first
         f.write('{"messages": [{"role": "user", "content": "<image>no image given"},'
-                ' {"role": "assistant", "content": "x"}]}\n')
-    with pytest.raises(DataError, match=r"set.jsonl:4: .*<image>"):
+                ' {"role": "assistant", "content": "x"}]}\n' + good)
+    with pytest.raises(DataError, match=r"set.jsonl:1: .*<image>"):
         ev.read_examples(data)
     cli = _cli()
     # The settings of the test above, so the compiled programs are reused.
-    res = cli.main(["--checkpoint", path, "--data", data, "skip_budget=1", "limit=2", "max_new_tokens=6",
+    res = cli.run(["--checkpoint", path, "--data", data, "skip_budget=1", "limit=2", "max_new_tokens=6",
                     "batch_size=2", "progress=false", f"out={tmp_path / 'out'}"])
-    assert res["count"] == 2
+    assert res["count"] == 2 and res["skipped"] == 1
+    with pytest.raises(DataError, match="skip_budget=0"):
+        cli.run(["--checkpoint", path, "--data", data, "progress=false"])
     with pytest.raises(Exception, match="unknown key batchsize; did you mean batch_size"):
-        cli.main(["--checkpoint", path, "--data", data, "batchsize=2"])
+        cli.run(["--checkpoint", path, "--data", data, "batchsize=2"])
+    assert cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", data]) == 2   # a message, no traceback
