@@ -8,3 +8,4 @@ from qwen2vl_jax.hf import CheckpointError
 from qwen2vl_jax.data import (DataError, Processor, Record, load_image, preprocess_image, preprocess_video,
                               read_jsonl, smart_resize)
 from qwen2vl_jax.assemble import LoadReport, assemble, assemble_params
+from qwen2vl_jax.data.packing import PackingError, pack_examples
