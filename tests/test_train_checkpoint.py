@@ -84,3 +84,44 @@ def test_export_hf_reads_back(setup, tmp_path):
     model = qv.load_pretrained(str(tmp_path / "hf"))
     assert model.config == cfg
     assert _equal(model.params, params)
+
+
+def _run_cfg(tmp_path, *overrides):
+    from qwen2vl_jax.train.config import load
+    return load(None, [f"workdir={tmp_path / 'run'}", *overrides])
+
+
+def test_init_from_hf_and_orbax(setup, tmp_path):
+    from qwen2vl_jax.train import loop
+    cfg, module, tx, shardings = setup
+    params = random_params(module, 4)
+    ck.export_hf(params, cfg, str(tmp_path / "hf"))
+    run = _run_cfg(tmp_path, f"init_from={tmp_path / 'hf'}", "model=7b")   # init_from's config wins
+    assert loop.model_config(run) == cfg
+    got = loop.initial_params(run, cfg, shardings.params, log=lambda s: None)
+    assert _equal(got, params)
+
+    ckpts = ck.Checkpoints(str(tmp_path / "orbax"))
+    ckpts.save(_state(setup, 5), 5, {}, cfg, {})
+    ckpts.close()
+    run = _run_cfg(tmp_path, f"init_from={tmp_path / 'orbax'}")
+    assert loop.model_config(run) == cfg
+    got = loop.initial_params(run, cfg, shardings.params, log=lambda s: None)
+    assert _equal(got, _state(setup, 5).params)
+
+
+def test_init_from_clip_and_qwen2_writes_the_report(setup, tmp_path):
+    """`init.vision=DIR init.llm=DIR` assembles the stage-1 start (assemble.py) and records how."""
+    from test_assemble import _hf_clip, _qwen2
+    from qwen2vl_jax.assemble import assemble_params
+    from qwen2vl_jax.train import loop
+    cfg, module, tx, shardings = setup
+    _hf_clip(tmp_path / "clip")
+    _qwen2(tmp_path / "qwen2")
+    run = _run_cfg(tmp_path, f"init.vision={tmp_path / 'clip'}", f"init.llm={tmp_path / 'qwen2'}", "seed=3")
+    lines = []
+    got = loop.initial_params(run, cfg, shardings.params, log=lines.append)
+    want, report = assemble_params(cfg, vision=str(tmp_path / "clip"), llm=str(tmp_path / "qwen2"), seed=3)
+    assert _equal(got, want)
+    assert lines == [report.to_text()]
+    assert (tmp_path / "run" / "load_report.txt").read_text().strip() == report.to_text().strip()

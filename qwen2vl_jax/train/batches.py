@@ -49,6 +49,18 @@ def check_rows(rows: int, mesh: Mesh) -> None:
                          f"(data x fsdp = {shards}); make it a multiple of {shards}")
 
 
+def host_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
+    """The rows [start, stop) of every global batch that this process's devices hold. Processes whose devices
+    share rows (a tensor group spanning hosts) get the same range and must load the same data."""
+    spec = sharding.batch_sharding(mesh, "input_ids")
+    held = sorted({(idx[0].start or 0, rows if idx[0].stop is None else idx[0].stop)
+                   for idx in spec.addressable_devices_indices_map((rows, 1)).values()})
+    if any(a > b_prev for (_, b_prev), (a, _) in zip(held, held[1:])):
+        raise ValueError(f"this process's devices hold non-contiguous rows {held}; order the mesh so each "
+                         "host's devices hold one block of rows")
+    return held[0][0], max(b for _, b in held)
+
+
 def to_device(batch: dict, shardings: dict) -> dict:
     """Host arrays (this process's rows) -> global jax arrays laid out by `shardings`. On one host this is a
     plain sharded transfer; on many, each host contributes its rows of the global batch."""

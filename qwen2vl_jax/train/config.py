@@ -85,6 +85,7 @@ class RunConfig:
     init_from: str = ""                    # an HF checkpoint dir or an orbax workdir / step dir
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     export_hf: bool = True                 # write <workdir>/hf (safetensors) at the end
+    export_dtype: str = "float32"          # float32 | bfloat16 (the published checkpoints' dtype)
     peak_tflops: float = 0.0               # per device, for MFU where the device kind is not known
     progress: bool = True                  # the tqdm bar
     compile_cache: str = ""                # a dir for jax's persistent compilation cache (reruns skip compiling)
@@ -201,6 +202,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
         problems.append(f"remat must be none, full, dots or dots_no_batch, got {cfg.remat!r}")
+    if cfg.export_dtype not in ("float32", "bfloat16"):
+        problems.append(f"export_dtype must be float32 or bfloat16, got {cfg.export_dtype!r}")
     if cfg.on_nan not in ("stop", "skip"):
         problems.append(f"on_nan must be stop or skip, got {cfg.on_nan!r}")
     for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.sharding import Mesh
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data import Processor
 from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
+from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
 REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer (REFERENCE 4.1); smaller models use a byte tokenizer
@@ -44,13 +46,14 @@ def train_files(cfg: RunConfig) -> str:
     return synthetic.train_path(out)
 
 
-def make_source(cfg: RunConfig, config: Qwen2VLConfig) -> Loader:
-    """Batches of `data.batch_size / process_count` rows (this host's share), with exact get/set_state."""
-    hosts = jax.process_count()
-    if cfg.data.batch_size % hosts:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not split over {hosts} hosts")
+def make_source(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh) -> Loader:
+    """This host's rows of every global batch (`batches.host_rows`), with exact get/set_state. The files are
+    split into as many disjoint shards as there are distinct row blocks; hosts holding the same rows (a
+    tensor group across hosts) read the same shard."""
+    start, stop = host_rows(mesh, cfg.data.batch_size)
+    n = stop - start
     pipeline = PipelineConfig(
-        buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=cfg.data.batch_size // hosts,
-        window=cfg.data.window, seed=cfg.seed, workers=cfg.data.workers, skip_budget=cfg.data.skip_budget,
-        truncate=cfg.data.truncate)
+        buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=n, window=cfg.data.window, seed=cfg.seed,
+        workers=cfg.data.workers, skip_budget=cfg.data.skip_budget, truncate=cfg.data.truncate,
+        shard_index=start // n, shard_count=cfg.data.batch_size // n)
     return make_loader(train_files(cfg), processor(cfg, config), config, pipeline)

@@ -127,7 +127,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     latest = ckpts.latest_step()
     if data is None:
         from qwen2vl_jax.train.data import make_source
-        data = make_source(cfg, config)
+        data = make_source(cfg, config, mesh)
     if latest is not None:
         saved = checkpoint.read_model_config(ckpts.directory)
         if saved != config:
@@ -235,7 +235,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     # -- export
     if cfg.export_hf and step == cfg.steps and "stopped" not in summary:
         out = os.path.join(cfg.workdir, "hf")
-        checkpoint.export_hf(state.params, config, out)
+        checkpoint.export_hf(state.params, config, out, cfg.export_dtype)
         log(f"exported HF safetensors to {out}")
     ckpts.close()
     losses = [l for _, l in summary.pop("losses")]

@@ -1,0 +1,153 @@
+"""Per-chip memory of a training run, estimated from the run config alone (nothing is allocated).
+
+    python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
+
+Counts, per chip:
+- params: float32 master weights, each sharded as its logical axes map onto the mesh (RULES);
+- optimizer: AdamW mu and nu (float32) of the trainable parts only;
+- grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
+  micro-batch's gradient);
+- activations: what the backward pass keeps across the scanned layers under the remat policy (the layer
+  inputs always; with `dots_no_batch` also every weight matmul's output; with `dots` also the attention
+  einsums; with `none` everything), for this chip's rows, divided by `tensor` where a tensor is split over
+  heads / MLP / vocab; nothing for a frozen ViT, which no gradient reaches;
+- transient: the largest single-layer working set while one layer's backward runs (its activations and
+  their gradients, the dense L x L attention scores when attention is the `xla` kind, or one chunk of
+  logits) plus one layer's weights gathered in the compute dtype (FSDP).
+XLA's own workspace and fragmentation come on top: keep 10-15% of the chip free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from qwen2vl_jax import api, sharding
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+from qwen2vl_jax.train import optim
+from qwen2vl_jax.train.config import RunConfig, load, trainable_parts
+
+GiB = 2 ** 30
+
+
+def mesh_sizes(cfg: RunConfig, devices: int) -> dict[str, int]:
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+        if v == -1:
+            sizes[k] = devices // known
+    if math.prod(sizes.values()) != devices:
+        raise ValueError(f"mesh {sizes} does not cover {devices} devices")
+    return sizes
+
+
+def _shards(spec, sizes) -> int:
+    n = 1
+    for axis in sharding.logical_to_mesh_spec(spec):
+        for a in ((axis,) if isinstance(axis, str) else (axis or ())):
+            n *= sizes[a]
+    return n
+
+
+def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum: int) -> dict[str, float]:
+    """Per-chip bytes of params, optimizer state and gradients."""
+    boxed = api.abstract_params(Qwen2VLModule(config))
+    specs = nn.get_partition_spec(boxed)
+    shapes = nn.meta.unbox(boxed)
+    per_leaf = jax.tree.map(lambda s, spec: math.prod(s.shape) * 4 / _shards(spec, sizes), shapes, specs,
+                            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    trainable, _ = optim.split(per_leaf, parts)
+    p, t = sum(jax.tree.leaves(per_leaf)), sum(jax.tree.leaves(trainable))
+    return {"params": p, "optimizer": 2 * t, "grads": t * (2 if grad_accum > 1 else 1)}
+
+
+def _layer_elems(d, heads_dim, kv_dim, mlp, t, policy, norms=2):
+    """Elements kept per token per scanned layer, and the layer's full set (what a backward recomputes)."""
+    carry = d
+    matmul_outs = (heads_dim + 2 * kv_dim) / t + d + 2 * mlp / t + d   # q, k, v | o / proj | gate+up / fc1 | down / fc2
+    attn_out = heads_dim / t
+    full = carry + matmul_outs + attn_out + norms * d + (heads_dim + kv_dim) / t + mlp / t
+    kept = {"full": carry, "dots_no_batch": carry + matmul_outs, "dots": carry + matmul_outs + attn_out,
+            "none": full}[policy]
+    return kept, full
+
+
+def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int]) -> dict[str, float]:
+    """Per-chip bytes kept for the backward pass, and the largest transient working set."""
+    t = sizes["tensor"]
+    rows = cfg.data.batch_size / (sizes["data"] * sizes["fsdp"])
+    L = max(b[0] for b in cfg.data.buckets)
+    P = max(b[1] for b in cfg.data.buckets)
+    b = 2 if cfg.dtype == "bfloat16" else 4
+    tc, vc = config.text, config.vision
+    dense = cfg.attn_impl == "xla"   # `auto` is splash on TPU: no L x L scores are kept
+    policy = "none" if cfg.remat == "none" else cfg.remat
+
+    kept_t, full_t = _layer_elems(tc.hidden_size, tc.num_attention_heads * tc.head_dim,
+                                  tc.num_key_value_heads * tc.head_dim, tc.intermediate_size, t, policy)
+    # The ViT's fused qkv is 3E wide: q, k and v are each E (heads_dim = kv_dim = E).
+    kept_v, full_v = _layer_elems(vc.embed_dim, vc.embed_dim, vc.embed_dim, vc.mlp_dim, t, policy) \
+        if P else (0.0, 0.0)
+    text_tokens, patches = rows * L, rows * P
+    # No gradient reaches a frozen ViT (stage 3), so nothing of its forward pass is kept.
+    parts = trainable_parts(cfg)
+    vit_kept = "vit" in parts
+    merger_kept = vit_kept or "merger" in parts
+    saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
+    merger = merger_kept * patches / vc.merge_unit * (2 * vc.merge_unit * vc.embed_dim * (1 + 1 / t)
+                                                       + tc.hidden_size) * b
+    # Dense attention materialises (rows, heads/t, L, L) f32 scores; under `none`/`dots` every layer keeps them.
+    scores_t = rows * tc.num_attention_heads / t * L * L * 4 if dense else 0.0
+    scores_v = rows * vc.num_heads / t * P * P * 4 if dense and P else 0.0
+    if dense and policy in ("none", "dots"):
+        saved += tc.num_hidden_layers * 2 * scores_t + vit_kept * vc.depth * 2 * scores_v
+    vocab = tc.vocab_size / t
+    if cfg.loss_chunk:
+        logits_kept = text_tokens * tc.hidden_size * b
+        logits_transient = rows * cfg.loss_chunk * vocab * (b + 4 + 4)
+    else:
+        logits_kept = text_tokens * vocab * b
+        logits_transient = text_tokens * vocab * (4 + 4)
+    layer_weights = lambda n: n * b * 2 / t   # one layer gathered (and the next prefetched)
+    text_layer_params = (tc.hidden_size * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * tc.head_dim
+                         + tc.num_attention_heads * tc.head_dim * tc.hidden_size
+                         + 3 * tc.hidden_size * tc.intermediate_size)
+    vit_layer_params = 4 * vc.embed_dim ** 2 + 2 * vc.embed_dim * vc.mlp_dim
+    transient = max(2 * full_t * text_tokens * b + 3 * scores_t + layer_weights(text_layer_params),
+                    2 * full_v * patches * b + 3 * scores_v + layer_weights(vit_layer_params),
+                    logits_transient)
+    return {"activations": saved + merger + logits_kept, "transient": transient}
+
+
+def estimate(cfg: RunConfig, devices: int, config: Qwen2VLConfig | None = None) -> dict[str, float]:
+    """GiB per chip: params, optimizer, grads, activations, transient, total."""
+    from qwen2vl_jax.train.loop import model_config
+    config = config or model_config(cfg)
+    sizes = mesh_sizes(cfg, devices)
+    out = {**state_bytes(config, trainable_parts(cfg), sizes, cfg.grad_accum),
+           **activation_bytes(cfg, config, sizes)}
+    out["total"] = sum(out.values())
+    return {k: v / GiB for k, v in out.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Per-chip memory estimate of a training config.")
+    ap.add_argument("config")
+    ap.add_argument("--devices", type=int, default=None, help="chips (default: the mesh's product)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load(a.config, a.overrides)
+    devices = a.devices or math.prod(v for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    if devices < 1:
+        raise SystemExit("give --devices when a mesh axis is -1")
+    est = estimate(cfg, devices)
+    print(" | ".join(f"{k} {v:.1f} GiB" for k, v in est.items()))
+
+
+if __name__ == "__main__":
+    main()
