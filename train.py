@@ -1,13 +1,13 @@
 """Train Qwen2-VL: `python train.py [--config configs/X.yaml] [key=value ...]`.
 
 With no arguments it runs configs/demo.yaml: a tiny model on a generated visual question answering set, on
-the CPU, in a few minutes. Overrides use dotted keys: `workdir=runs/x steps=1000 mesh.fsdp=8 optim.lr=3e-4`.
-A run resumes from the latest checkpoint in its workdir; SIGTERM saves a checkpoint and stops cleanly.
+the CPU, in a few minutes. Overrides use dotted keys: `workdir=runs/x steps=1000 mesh.fsdp=8 optim.lr=3e-4`
+(`--init_from DIR` and `--key=value` are read the same way). A run resumes from the latest checkpoint in its
+workdir; SIGTERM saves a checkpoint and stops cleanly. Keys: configs/demo.yaml, qwen2vl_jax/train/config.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,18 +15,36 @@ import sys
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Keys: see configs/demo.yaml and qwen2vl_jax/train/config.py.")
-    parser.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=100 mesh.fsdp=8")
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """(config file, overrides) from `--config FILE`, `key=value`, `--key value` and `--key=value`."""
+    config, overrides, i = DEMO, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg} needs a value ({arg} VALUE or {arg}=VALUE)")
+                value, i = argv[i + 1], i + 1
+            if key == "config":
+                config = value
+            else:
+                overrides.append(f"{key}={value}")
+        else:
+            overrides.append(arg)
+        i += 1
+    return config, overrides
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     from qwen2vl_jax.train.config import RunConfigError, load
     try:
-        cfg = load(args.config or DEMO, args.overrides)
-    except RunConfigError as e:
+        cfg = load(*parse_args(argv))
+    except (RunConfigError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     from qwen2vl_jax.train.loop import TrainingStopped, run

@@ -37,8 +37,9 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr"),
+    ("optim.lrr=1", "override 'optim.lrr=1': unknown key optim.lrr; did you mean optim.lr"),
     ("stepz=3", "unknown key stepz; did you mean steps"),
+    ("steps.x=3", "steps has no sub-keys"),
     ("steps=many", "steps = 'many' is not a valid int"),
     ("steps=2.5", "steps = 2.5 is not a valid int"),
     ("stage=4", "stage must be 1, 2 or 3"),
@@ -80,3 +81,40 @@ def test_schedule_warmup_cosine_floor():
     expect = [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 100)), 0.1, 0.1]
     np.testing.assert_allclose(lr, expect, rtol=1e-6, atol=1e-7)
     assert float(s["vit"](10)) == pytest.approx(0.5)
+
+
+def test_per_part_lr_and_decay_mask():
+    """One AdamW step: a part with lr 0 stays put, the others move by lr (first Adam step = lr * sign(g));
+    with zero gradients only kernels and embeddings decay, norm scales and biases do not."""
+    import jax
+    import jax.numpy as jnp
+    cfg = load(os.path.join(ROOT, "configs", "demo.yaml"),
+               ["optim.lr=0.1", "optim.part_lr.vit=0", "optim.warmup_steps=0", "optim.weight_decay=0.5",
+                "optim.clip_norm=0"]).optim
+    ones = lambda *s: jnp.ones(s, jnp.float32)
+    params = {"visual": {"blocks": {"fc1": {"kernel": ones(2, 3)}}, "merger": {"mlp_0": {"kernel": ones(3)}}},
+              "model": {"norm": {"scale": ones(3)}, "embed_tokens": {"embedding": ones(4, 3)}}}
+    tx = optim.make_optimizer(cfg, ("vit", "merger", "llm"))
+    grads = jax.tree.map(lambda x: -jnp.ones_like(x), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_array_equal(new["visual"]["blocks"]["fc1"]["kernel"], 1.0)
+    # merger kernel: +0.1 (Adam) - 0.1 * 0.5 * 1 (decay); norm scale: +0.1, no decay
+    np.testing.assert_allclose(new["visual"]["merger"]["mlp_0"]["kernel"], 1.05, rtol=1e-6)
+    np.testing.assert_allclose(new["model"]["norm"]["scale"], 1.1, rtol=1e-6)
+    np.testing.assert_allclose(new["model"]["embed_tokens"]["embedding"], 1.05, rtol=1e-6)
+
+
+def test_memory_estimate_counts_every_param():
+    """Params / optimizer bytes of the estimator against REFERENCE 10's exact parameter counts."""
+    from qwen2vl_jax.train.memory import GiB, estimate
+    total, vision = 8_291_375_616, 675_759_104        # 7B: all, and vision tower incl. merger
+    for stage, trained in ((1, vision), (2, total), (3, total - vision)):
+        cfg = load(os.path.join(ROOT, "configs", f"stage{stage}_7b.yaml"),
+                   ["mesh.fsdp=1", "mesh.tensor=1", "data.batch_size=1", "grad_accum=1"])
+        e = estimate(cfg, 1)
+        assert e["params"] * GiB == pytest.approx(4 * total, rel=1e-12)
+        assert e["optimizer"] * GiB == pytest.approx(8 * trained, rel=1e-12)
+        assert e["grads"] * GiB == pytest.approx(4 * trained, rel=1e-12)
+    sharded = estimate(load(os.path.join(ROOT, "configs", "stage2_7b.yaml")), 64)   # fsdp 16 x tensor 4
+    assert 4 * total / 64 <= sharded["params"] * GiB <= 4 * total / 16              # norms are replicated

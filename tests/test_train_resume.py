@@ -73,7 +73,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, shared):
 
     r = subprocess.run(_cmd(killed, shared), env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["start_step"] == at_kill[-1]
+    assert "resumed from" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["start_step"] == at_kill[-1]
 
     _, a = restore_params(str(straight))
     _, b = restore_params(str(killed))
@@ -99,3 +99,20 @@ def test_sigterm_saves_and_stops(tmp_path, shared):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped"] == "SIGTERM" and 2 <= summary["end_step"] < 400
     assert _committed(workdir) == [summary["end_step"]]
+
+
+def test_nan_stops_with_the_step_and_saves_nothing(tmp_path, shared):
+    """A model whose loss is NaN from the start: the run stops at step 1, names it, writes no checkpoint."""
+    from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+    from qwen2vl_jax.train.checkpoint import export_hf
+    from train_utils import random_params, tiny_config
+    cfg = tiny_config()
+    params = random_params(Qwen2VLModule(cfg))
+    params["model"]["norm"]["scale"] = params["model"]["norm"]["scale"].at[3].set(np.nan)
+    export_hf(params, cfg, str(tmp_path / "hf"))
+    workdir = tmp_path / "nan"
+    r = subprocess.run(_cmd(workdir, shared, f"init_from={tmp_path / 'hf'}", "checkpoint_every=1"), env=_env(),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "stopped: step 1: loss nan" in r.stderr and "no checkpoint was written" in r.stderr, r.stderr[-2000:]
+    assert _committed(workdir) == []

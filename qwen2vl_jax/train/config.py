@@ -117,10 +117,29 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RunConfigError(f"override {item!r} is not key=value (e.g. steps=100 or mesh.fsdp=8)")
+        _check_key(key.strip(), item)
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
     cfg = _build(RunConfig, raw, source, "")
     validate(cfg)
     return cfg
+
+
+def _check_key(key: str, item: str) -> None:
+    """An override's dotted key must name a field (any key below a dict-valued field, e.g. optim.part_lr)."""
+    cls, prefix = RunConfig, ""
+    for i, part in enumerate(key.split(".")):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(fields))}"
+            raise RunConfigError(f"override {item!r}: unknown key {prefix}{part}{hint}")
+        tp = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(tp):
+            cls, prefix = tp, f"{prefix}{part}."
+        elif typing.get_origin(tp) is dict or i == len(key.split(".")) - 1:
+            return
+        else:
+            raise RunConfigError(f"override {item!r}: {prefix}{part} has no sub-keys")
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:

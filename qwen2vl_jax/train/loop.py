@@ -18,7 +18,7 @@ from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
 from qwen2vl_jax.train.config import RunConfig, trainable_parts
-from qwen2vl_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from qwen2vl_jax.train.state import abstract_state, init_state, state_shardings
 from qwen2vl_jax.train.step import StepFn
 
 
@@ -170,10 +170,12 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             what = f"step {step}: loss {m['loss']} / gradient norm {m['grad_norm']} is not finite"
             if cfg.on_nan == "stop" or nan_run[0] > cfg.max_nan_skips:
                 ckpts.wait()
+                saved = "no checkpoint was written" if last_saved is None else \
+                    f"the last checkpoint is step {last_saved}"
                 raise TrainingStopped(
-                    f"{what}; the update was not applied and nothing after step {last_saved} was saved. "
+                    f"{what} ({nan_run[0]} bad step(s) in a row); the update was not applied and {saved}. "
                     "Lower optim.lr or raise optim.warmup_steps, look at that step's data, or set on_nan=skip "
-                    f"(it stopped after {nan_run[0]} consecutive bad steps)")
+                    "(with max_nan_skips) to step over rare bad batches")
             progress.write(f"{what}; update skipped ({nan_run[0]} in a row)")
         else:
             nan_run[0] = 0
@@ -203,6 +205,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                         finish(pending)
                         pending = None
                     ckpts.save(state, step, data.get_state(), config, run_record)
+                    last_saved = step
                 break
             host = {"data_time": time.perf_counter() - t0,
                     "text_tokens": float((host_batch["segment_ids"] > 0).sum()),
@@ -231,6 +234,8 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         stop.restore()
         progress.close()
         log_file.close()
+        if hasattr(data, "close"):
+            data.close()
 
     # -- export
     if cfg.export_hf and step == cfg.steps and "stopped" not in summary:

@@ -24,7 +24,6 @@ import math
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from qwen2vl_jax import api, sharding
 from qwen2vl_jax.config import Qwen2VLConfig
