@@ -42,6 +42,8 @@ class EvalConfig:
     metrics: list[str] = dataclasses.field(default_factory=lambda: list(METRICS))
     batch_size: int = 8             # prompts per generate call (the last batch is padded to it)
     limit: int = 0                  # score only the first N records (0 = all)
+    baseline_data: str = ""         # JSONL to fit the majority baseline on; empty = the run's training set when
+    #                                 it trained on the generated set, else the evaluation set itself
     skip_budget: int = 0            # bad records that may be skipped (counted in metrics.json) before stopping
     dtype: str = "float32"          # compute and param dtype: float32 | bfloat16
     processor: str = ""             # HF dir with tokenizer.json; empty = the checkpoint's, else by vocabulary
@@ -101,14 +103,22 @@ def training_run(step_dir: str):
         return None
 
 
+def synthetic_dir(run, step_dir: str) -> str | None:
+    """The generated set a run trained on (None when it trained on files)."""
+    if run is None or run.data.train != "synthetic":
+        return None
+    workdir = os.path.dirname(os.path.dirname(step_dir))   # where the checkpoint is, wherever eval runs from
+    return run.data.synthetic_dir or os.path.join(workdir, "synthetic")
+
+
 def default_data(run, step_dir: str) -> str:
     """The held-out split of the generated set a run trained on; only synthetic-data runs have one."""
-    if run is None or run.data.train != "synthetic":
+    data_dir = synthetic_dir(run, step_dir)
+    if data_dir is None:
         raise ValueError("no --data given and the checkpoint was not trained on the generated demo set; "
                          "give --data FILE.jsonl")
     from qwen2vl_jax.data import synthetic
-    workdir = os.path.dirname(os.path.dirname(step_dir))   # where the checkpoint is, wherever eval runs from
-    path = synthetic.heldout_path(run.data.synthetic_dir or os.path.join(workdir, "synthetic"))
+    path = synthetic.heldout_path(data_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the run's held-out set is missing; run `python train.py` again "
                                 "(it regenerates the set) or give --data FILE.jsonl")
@@ -202,14 +212,22 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"skipping: {e}", file=sys.stderr)
 
     examples = ev.read_examples(cfg.data, cfg.prompt_style, cfg.limit or None, on_error)
+    baseline = cfg.baseline_data
+    if not baseline and synthetic_dir(run, ckpt_dir):
+        from qwen2vl_jax.data import synthetic
+        baseline = synthetic.train_path(synthetic_dir(run, ckpt_dir))
+        baseline = baseline if os.path.isfile(baseline) else ""
+    prior = ev.read_examples(baseline, cfg.prompt_style, on_error=lambda e: None) if baseline else None
     eos = tuple(dict.fromkeys([processor.eos_token_id, processor.pad_token_id, model.config.eos_token_id]))
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, pad_token_id=processor.pad_token_id)
-    report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress)
+    report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress,
+                         prior)
     out = cfg.out or default_out
     extra = {"checkpoint": os.path.abspath(ckpt_dir), "data": os.path.abspath(cfg.data),
              "prompt_style": cfg.prompt_style, "skipped": len(skipped),
+             "baseline_fitted_on": os.path.abspath(baseline) if baseline else os.path.abspath(cfg.data),
              "generation": dataclasses.asdict(gen)}
     pred_path, metrics_path = ev.write_report(report, out, extra)
 

@@ -135,15 +135,20 @@ def answer(tokens: np.ndarray, eos: Iterable[int], processor) -> tuple[str, int]
     return processor.decode(tokens[:n], skip_special_tokens=True).strip(), min(n + 1, len(tokens))
 
 
-def majority_baseline(examples: Sequence[Example], names: Sequence[str]) -> dict:
-    """Chance level: the scores of answering every question with the most common reference answer of its
-    question type (the "per Q-type prior" of the VQA paper). Fitted on the evaluation set itself, so it is
-    a slightly optimistic guess that never looks at the image."""
+def majority_baseline(examples: Sequence[Example], names: Sequence[str],
+                      prior: Sequence[Example] | None = None) -> dict:
+    """Chance level: the scores of answering every question, without looking at it, with the most common
+    reference answer of its question type in `prior` (the "per Q-type prior" of the VQA paper). `prior` is
+    the training set when known; by default the evaluation set itself, which flatters small question types.
+    A type that `prior` lacks gets the most common answer overall."""
+    prior = examples if prior is None else prior
     by_type = collections.defaultdict(collections.Counter)
-    for ex in examples:
+    for ex in prior:
         by_type[ex.question_type][ex.references[0]] += 1
+    overall = sum(by_type.values(), collections.Counter()).most_common(1)[0][0]
     guess = {q: c.most_common(1)[0][0] for q, c in by_type.items()}
-    return M.aggregate([M.score_all(guess[ex.question_type], ex.references, names) for ex in examples], names)
+    return M.aggregate([M.score_all(guess.get(ex.question_type, overall), ex.references, names)
+                        for ex in examples], names)
 
 
 @dataclasses.dataclass
@@ -153,10 +158,11 @@ class Report:
 
 
 def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfig, batch_size: int = 8,
-             names: Sequence[str] = tuple(M.METRICS), seed: int = 0, progress: bool = True) -> Report:
+             names: Sequence[str] = tuple(M.METRICS), seed: int = 0, progress: bool = True,
+             prior: Sequence[Example] | None = None) -> Report:
     """Generate an answer for every example (batches of `batch_size`, padded to that size so one shape is
     compiled per length bucket) and score it. The next batch is tokenised and patchified on a host thread
-    while the device generates."""
+    while the device generates. `prior`: examples to fit the majority baseline on (see there)."""
     from qwen2vl_jax.infer import generator_for
     gen = generator_for(model)
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
@@ -186,14 +192,15 @@ def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfi
     bar.close()
     seconds = time.perf_counter() - start
     summary = M.aggregate(predictions, names)
-    summary["majority_baseline"] = majority_baseline(examples, names)
+    summary["majority_baseline"] = majority_baseline(examples, names, prior)
     tasks = sorted({ex.task for ex in examples if ex.task is not None})
     if tasks:
         summary["by_task"] = {}
         for t in tasks:
             rows = [i for i, ex in enumerate(examples) if ex.task == t]
             summary["by_task"][t] = {**M.aggregate([predictions[i] for i in rows], names),
-                                     "majority_baseline": majority_baseline([examples[i] for i in rows], names)}
+                                     "majority_baseline": majority_baseline([examples[i] for i in rows], names,
+                                                                            prior)}
     summary.update(seconds=round(seconds, 2), generated_tokens=new_tokens,
                    examples_per_s=round(len(examples) / seconds, 3))
     return Report(predictions, summary)
