@@ -19,6 +19,8 @@ from qwen2vl_jax.train.checkpoint import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 16, 4
+# Each test starts train.py two or three times (a shared compilation cache spares all but the first compile).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
@@ -45,7 +47,9 @@ SCRIPT = textwrap.dedent("""
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
     grad_rel = max(rel(a, b) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
 
-    # The real step: explicit in/out shardings, donated state, two steps on the mesh vs one device.
+    # The real step: explicit in/out shardings, donated state, two micro-batches accumulated, two steps on
+    # the mesh vs one device.
+    batch = stack_micro_batches([packed(cfg, 8, 4, seed=5), packed(cfg, 8, 4, seed=6)])
     ocfg = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10)
     tx = optim.make_optimizer(ocfg, parts)
     metrics = {{}}
@@ -72,6 +76,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # an 8-device subprocess compiling three programs: ~1-2 min on 2 cores
 def test_sharded_step_equals_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))

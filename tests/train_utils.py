@@ -40,6 +40,15 @@ def packed(cfg, n_examples: int, rows: int, seed: int = 0, text_len: int = 160, 
                          batch_size=rows)
 
 
+def text_packed(cfg, answers: list[str], rows: int, text_len: int = 160) -> dict:
+    """A text-only packed batch (no vision fields): one short question per example, `answers` as replies."""
+    proc = Processor.from_config(cfg)
+    exs = [proc.encode_example([{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": a}])
+           for a in answers]
+    b = pack_examples(exs, text_len=text_len, patch_len=0, config=cfg, batch_size=rows)
+    return {k: v for k, v in b.items() if not k.startswith("patch") and k != "vision_index"}
+
+
 def stack(*batches: dict) -> dict:
     """Micro-batches (B, ...) -> one stacked batch (k, B, ...), positions (k, 3, B, L)."""
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}

@@ -39,9 +39,14 @@ def forward_sums(module: Qwen2VLModule, params, batch: dict, loss_chunk: int = 0
 
 
 def compute_grads(module: Qwen2VLModule, params: dict, batch: dict, parts, *, z_loss: float = 0.0,
-                  loss_chunk: int = 0, rng=None) -> tuple[dict, dict]:
-    """(gradients of the trainable parts, metrics) for a stacked batch of k micro-batches."""
+                  loss_chunk: int = 0, rng=None, grad_shardings=None) -> tuple[dict, dict]:
+    """(gradients of the trainable parts, metrics) for a stacked batch of k micro-batches.
+
+    `grad_shardings` (those of the trainable params) pins the gradients and their accumulator to the
+    params' layout, so FSDP reduce-scatters gradients instead of keeping whole copies."""
     trainable, frozen = optim.split(params, parts)
+    pin = (lambda t: t) if grad_shardings is None else \
+        (lambda t: jax.lax.with_sharding_constraint(t, grad_shardings))
     n_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     k = batch["input_ids"].shape[0]
 
@@ -51,7 +56,7 @@ def compute_grads(module: Qwen2VLModule, params: dict, batch: dict, parts, *, z_
             sums = forward_sums(module, optim.merge(tr, frozen), mb, loss_chunk, key)
             return (sums.ce + z_loss * sums.z) / n_targets, sums
         (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        return g, sums
+        return pin(g), sums
 
     if k == 1:   # no accumulator buffer when there is nothing to accumulate
         grads, sums = micro(jax.tree.map(lambda x: x[0], batch), 0)
@@ -61,7 +66,7 @@ def compute_grads(module: Qwen2VLModule, params: dict, batch: dict, parts, *, z_
             mb, i = xs
             g, s = micro(mb, i)
             return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
-        zeros = (jax.tree.map(jnp.zeros_like, trainable),
+        zeros = (pin(jax.tree.map(jnp.zeros_like, trainable)),
                  LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields)))
         (grads, sums), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(k)))
     metrics = {"loss": sums.ce / n_targets, "z_loss": sums.z / n_targets, "accuracy": sums.correct / n_targets,
@@ -70,11 +75,12 @@ def compute_grads(module: Qwen2VLModule, params: dict, batch: dict, parts, *, z_
 
 
 def train_step(state: TrainState, batch: dict, *, module: Qwen2VLModule, tx: optax.GradientTransformation,
-               parts, schedules: dict[str, Callable], z_loss: float = 0.0, loss_chunk: int = 0):
-    """One optimizer step. Returns (new state, metrics). Jit it with `make_train_step`."""
+               parts, schedules: dict[str, Callable], z_loss: float = 0.0, loss_chunk: int = 0,
+               grad_shardings=None):
+    """One optimizer step. Returns (new state, metrics). `StepFn` jits it."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, metrics = compute_grads(module, state.params, batch, parts, z_loss=z_loss, loss_chunk=loss_chunk,
-                                   rng=rng)
+                                   rng=rng, grad_shardings=grad_shardings)
     trainable, frozen = optim.split(state.params, parts)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
@@ -100,7 +106,8 @@ class StepFn:
     batch fields (a run without images has no vision fields); jax caches one program per bucket shape."""
 
     def __init__(self, mesh: Mesh, state_shardings: TrainState, rules=sharding.RULES, **kw: Any):
-        self.mesh, self.rules, self.state_shardings, self.kw = mesh, rules, state_shardings, kw
+        self.mesh, self.rules, self.state_shardings = mesh, rules, state_shardings
+        self.kw = {"grad_shardings": optim.split(state_shardings.params, kw["parts"])[0], **kw}
         self._jits: dict[tuple, Any] = {}
 
     def batch_shardings(self, keys) -> dict:
