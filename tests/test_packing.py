@@ -6,7 +6,7 @@ import pytest
 
 from qwen2vl_jax.config import tiny
 from qwen2vl_jax.data.packing import (PackingError, StreamingPacker, pack_examples, parse_buckets, plan_batch,
-                                      prepare_example)
+                                      prepare_example, suggest_buckets)
 from qwen2vl_jax.positions import rope_index
 
 CFG = tiny()                       # vision_start 990, vision_end 991, image 992, video 993, pad 0
@@ -249,3 +249,12 @@ def test_fill_on_a_realistic_size_mix():
             batches += 1
     fill = used / (batches * 4 * np.array(bucket))
     assert (fill >= 0.95).all(), fill
+
+
+def test_suggest_buckets_follow_the_data_ratio_and_hold_the_largest():
+    sizes = [(100, 300), (300, 900), (50, 0), (550, 1800)]        # 3000 patches for 1000 tokens: ratio 3
+    assert suggest_buckets(sizes, text_lens=(512, 1024), multiple=4) == ((512, 1536), (1024, 2768), (1024, 3380))
+    # The largest example (4000 tokens, 30000 patches) scales the two large buckets until one holds it.
+    big = suggest_buckets(sizes + [(4000, 30000)], text_lens=(512, 1024), multiple=4)
+    assert any(L >= 4000 and P >= 30000 for L, P in big) and big[0] == (512, 3380)     # ratio 6.6 now
+    assert big[2][1] / big[2][0] == pytest.approx(big[1][1] / big[1][0] * 1.1 / 0.9, rel=1e-2)

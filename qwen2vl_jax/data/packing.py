@@ -18,6 +18,7 @@ N/4 of the L budget as well. Vision spans are never cut.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -50,6 +51,30 @@ def parse_buckets(buckets) -> tuple[Bucket, ...]:
     if not out:
         raise PackingError("no buckets configured; give at least one (text_len, patch_len) pair")
     return tuple(sorted(set(out), key=lambda b: (b[0] + b[1], b)))
+
+
+def suggest_buckets(sizes, text_lens: Sequence[int] = (4096, 8192), spread: float = 0.1,
+                    multiple: int = 128) -> tuple[Bucket, ...]:
+    """Buckets for data whose examples have `sizes` (n, 2) = (text tokens, patches), e.g. from a sample.
+
+    A bucket richer in patches than the data leaves patches empty, and vice versa, so each text length gets
+    the patch budget that matches the data's patches per text token. The largest text length gets two
+    buckets, at that ratio times (1 - spread) and (1 + spread): a sample's ratio is uncertain and the
+    stream's drifts, and the packer then follows it batch by batch. The largest buckets are scaled up (same
+    ratios) until one holds the sample's largest example.
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    if not len(sizes):
+        raise PackingError("suggest_buckets needs the sizes of at least one example")
+    ratio = sizes[:, 1].sum() / sizes[:, 0].sum()
+
+    def up(x):
+        return int(math.ceil(x / multiple) * multiple)
+    *small, L = sorted(text_lens)
+    large = [(L, L * ratio * f) for f in ((1 - spread, 1 + spread) if spread and ratio else (1,))]
+    t_max, p_max = sizes.max(0)
+    scale = max(1.0, min(max(t_max / l, p_max / max(p, 1)) for l, p in large))
+    return parse_buckets([(up(l), up(l * ratio)) for l in small] + [(up(l * scale), up(p * scale)) for l, p in large])
 
 
 # -- one example ------------------------------------------------------------------------------------
@@ -345,12 +370,15 @@ def fill_rows(sizes: np.ndarray, bucket: Bucket, batch_size: int, balance: float
         if b == 0 and first is not None:
             row, ut, up = [first], tn[first], pn[first]
             free[first] = False
-        while True:
-            fits = free & (tn <= 1.0 - ut + 1e-9) & (pn <= 1.0 - up + 1e-9)
-            if not fits.any():
+        # Candidates only shrink while the row fills: what does not fit now never will in this row.
+        cand = np.flatnonzero(free)
+        while cand.size:
+            cand = cand[(tn[cand] <= 1.0 - ut + 1e-9) & (pn[cand] <= 1.0 - up + 1e-9)]
+            if not cand.size:
                 break
-            score = np.where(fits, size - balance * np.abs((ut + tn) - (up + np.where(fits, pn, 0.0))), -np.inf)
-            i = int(np.argmax(score))
+            j = int(np.argmax(size[cand] - balance * np.abs((ut + tn[cand]) - (up + pn[cand]))))
+            i = int(cand[j])
+            cand = np.delete(cand, j)
             row.append(i)
             free[i] = False
             ut, up = ut + tn[i], up + pn[i]

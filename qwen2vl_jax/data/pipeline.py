@@ -14,8 +14,10 @@ than the budget stops the run with the list.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import time
 from typing import Any, Sequence
 
 import grain
@@ -140,8 +142,12 @@ class _PackIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, ds: PackIterDataset):
         super().__init__(parent)
         self._ds = ds
-        self._reset(parent.get_state())
+        self._reset(copy.deepcopy(parent.get_state()))
         self._skipped: dict[str, str] = {}   # source -> reason, in the order met
+
+    def _parent_state(self):
+        # A copy: a state kept for a later restore must not change if an iterator reuses its state objects.
+        return copy.deepcopy(self._parent.get_state())
 
     def _reset(self, base_state) -> None:
         self._packer = StreamingPacker(self._ds.buckets, self._ds.batch_size, self._ds.window)
@@ -162,7 +168,7 @@ class _PackIterator(grain.DatasetIterator):
                 f"fix or drop them, or raise the skip budget:\n{listing}")
 
     def _pull(self) -> None:
-        state = self._parent.get_state()
+        state = self._parent_state()
         try:
             item = next(self._parent)
         except StopIteration:
@@ -175,13 +181,14 @@ class _PackIterator(grain.DatasetIterator):
             self._packer.add(_Pending(PreparedExample(**item), self._read, state))
             self._read += 1
         if not self._packer.pending:       # nothing waiting: the replay can start from here
-            self._base, self._read = self._parent.get_state(), 0
+            self._base, self._read = self._parent_state(), 0
 
     def __next__(self):
         while not self._packer.ready() and not self._exhausted:
             self._pull()
         if not self._packer.pending:
             raise StopIteration
+        start = time.perf_counter()
         (L, P), rows = self._packer.pop_batch()
         if self._packer.pending:           # rebase on the oldest example still waiting
             first = self._packer.pool[0]
@@ -190,10 +197,11 @@ class _PackIterator(grain.DatasetIterator):
                 p.offset -= shift
             self._read -= shift
         else:
-            self._base, self._read = self._parent.get_state(), 0
+            self._base, self._read = self._parent_state(), 0
         examples = [[p.example for p in row] for row in rows]
         batch = write_rows(examples, L, P, pad_id=self._ds.pad_id, batch_size=self._ds.batch_size)
-        return {"batch": batch, "sources": [ex.source for row in examples for ex in row]}
+        return {"batch": batch, "sources": [ex.source for row in examples for ex in row],
+                "pack_seconds": time.perf_counter() - start}
 
     def close(self) -> None:
         self._packer.pool.clear()          # frees the waiting examples' shared memory now, not at exit
@@ -209,7 +217,7 @@ class _PackIterator(grain.DatasetIterator):
         self._skipped = {s: r for s, r in state["skipped"]}
         pending = set(state["pending"])
         for offset in range(state["read"]):  # replay the examples read since the base; keep the waiting ones
-            before = self._parent.get_state()
+            before = self._parent_state()
             try:
                 item = next(self._parent)
             except StopIteration:
@@ -269,13 +277,17 @@ class Loader:
         self.sources: list[str] = []
         self.batches = 0
         self.examples = 0
+        self.pack_seconds = 0.0   # spent choosing rows and copying examples into batches (this process)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
+        if self._it is None:
+            raise ValueError("this loader was closed; make a new one (and set_state) to go on reading")
         element = next(self._it)
         self.sources = element["sources"]
+        self.pack_seconds += element["pack_seconds"]
         self.batches += 1
         self.examples += len(self.sources)
         return element["batch"]
@@ -285,20 +297,24 @@ class Loader:
         return {s: r for s, r in self._pack_state()["skipped"]}
 
     def _pack_state(self) -> dict:
-        return self._it.get_state()
+        return self._closed_state if self._it is None else self._it.get_state()
 
     def get_state(self) -> dict:
-        return {"pipeline": to_json(self._it.get_state()), "batches": self.batches, "examples": self.examples}
+        return {"pipeline": to_json(self._pack_state()), "batches": self.batches, "examples": self.examples}
 
     def set_state(self, state: dict) -> None:
+        if self._it is None:
+            raise ValueError("this loader was closed; make a new one to restore a state into")
         self._it.set_state(from_json(state["pipeline"]))
         self.batches, self.examples = state["batches"], state["examples"]
         self.sources = []
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        """Stops the workers and frees the shared memory of the examples still in flight."""
+        if self._it is not None:
+            self._closed_state = self._it.get_state()   # get_state and skipped still answer after close
+            self._it.close()
+            self._it = None   # grain keeps the last worker outputs alive until the iterator goes
 
     def __enter__(self):
         return self
