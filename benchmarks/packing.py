@@ -3,7 +3,7 @@
 The mix (`SyntheticConfig.realistic()`, real Qwen2 vocabulary, the processor's hub pixel settings): images
 from 28x28 to 1500x1000 with aspect ratios up to 3:1 (log-uniform area, no downscaling), 10% text-only,
 10% with 2-4 images, 5% videos of 4-16 frames, 30% of the single-image questions asking for a description
-(answers of 1-300 tokens), at most 16384 patches per example. The run:
+(answers of up to ~250 tokens, one word otherwise), at most 16384 patches per example. The run:
 
 1. generates the set (cached under --data-dir) and a held-out sample of it;
 2. picks 3 buckets from the held-out sample (`suggest_buckets`: the data's patches per text token at text

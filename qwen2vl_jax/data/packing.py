@@ -70,11 +70,11 @@ def suggest_buckets(sizes, text_lens: Sequence[int] = (4096, 8192), spread: floa
 
     def up(x):
         return int(math.ceil(x / multiple) * multiple)
-    *small, L = sorted(text_lens)
-    large = [(L, L * ratio * f) for f in ((1 - spread, 1 + spread) if spread and ratio else (1,))]
+    *small, top = sorted(text_lens)
+    large = [(top, top * ratio * f) for f in ((1 - spread, 1 + spread) if spread and ratio else (1,))]
     t_max, p_max = sizes.max(0)
-    scale = max(1.0, min(max(t_max / l, p_max / max(p, 1)) for l, p in large))
-    return parse_buckets([(up(l), up(l * ratio)) for l in small] + [(up(l * scale), up(p * scale)) for l, p in large])
+    scale = max(1.0, min(max(t_max / t, p_max / max(p, 1)) for t, p in large))
+    return parse_buckets([(up(t), up(t * ratio)) for t in small] + [(up(t * scale), up(p * scale)) for t, p in large])
 
 
 # -- one example ------------------------------------------------------------------------------------

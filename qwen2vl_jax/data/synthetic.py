@@ -55,10 +55,11 @@ class SyntheticConfig:
     def realistic(cls) -> "SyntheticConfig":
         """The packing benchmark's mix: images from 28x28 to 1500x1000 (no downscaling), 10% text-only,
         10% with 2-4 images, 5% videos of 4-16 frames at the processor's video defaults, 30% of the
-        single-image questions asking for a description (answers of up to ~300 tokens); at most 16384
+        single-image questions asking for a description of up to 32 shapes (answers of up to ~250
+        tokens; the others are one word), text-only questions of up to ~150 tokens; at most 16384
         patches per example (four 1500x1000 images would be 31104)."""
         return cls(min_side=28, max_side=1500, max_area=1500 * 1000, max_patches=16384, p_text=0.10, p_multi=0.10,
-                   p_video=0.05, p_caption=0.30, max_images=4, max_shapes=24, video_frames=(4, 16),
+                   p_video=0.05, p_caption=0.30, max_images=4, max_shapes=32, video_frames=(4, 16),
                    video_side=(140, 480), video_pixels=None)
 
 
