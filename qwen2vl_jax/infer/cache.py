@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from qwen2vl_jax.config import TextConfig
 from qwen2vl_jax.model.text import CACHE_AXES
@@ -33,17 +32,6 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype):
 def constrain(cache):
     """Pin the cache layout to its logical axes (a no-op without `nn.logical_axis_rules` and a mesh)."""
     return nn.with_logical_constraint(cache, (CACHE_AXES, CACHE_AXES))
-
-
-def cache_sharding(mesh, rules) -> NamedSharding:
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(CACHE_AXES, rules))
-
-
-def cache_bytes(config: TextConfig, batch: int, length: int, dtype) -> int:
-    n = 1
-    for d in cache_shape(config, batch, length):
-        n *= d
-    return 2 * n * jnp.dtype(dtype).itemsize
 
 
 def bucket(n: int, minimum: int = 16) -> int:
