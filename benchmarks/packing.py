@@ -15,7 +15,7 @@ from 28x28 to 1500x1000 with aspect ratios up to 3:1 (log-uniform area, no downs
 4. batches the same examples, in file order, `--pad-batch` at a time padded to the longest text and the most
    patches in each batch, and measures the same fills.
 
-    python benchmarks/packing.py [--examples 2000] [--workers 2] [--batch-size 4] [--window 256]
+    python benchmarks/packing.py [--examples 2000] [--workers 2] [--batch-size 4] [--window 512]
 
 Ends with one JSON line.
 """
@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--calibration", type=int, default=300, help="held-out examples the buckets are fitted to")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4, help="rows per packed batch")
-    ap.add_argument("--window", type=int, default=256, help="look-ahead of the packer, in examples")
+    ap.add_argument("--window", type=int, default=512, help="look-ahead of the packer, in examples")
     ap.add_argument("--text-lens", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--pad-batch", type=int, default=8, help="examples per pad-to-longest batch")
     ap.add_argument("--seed", type=int, default=0)
