@@ -111,14 +111,19 @@ def batch_shards(mesh: Mesh, rules=RULES) -> int:
 # -- runs ---------------------------------------------------------------------------------------------
 
 def initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when this process is one of several (a multi-host TPU slice, SLURM,
-    or JAX_COORDINATOR_ADDRESS set); must run before anything touches a device. True if it did."""
+    """`jax.distributed.initialize()` when this process is one of several: a multi-host TPU slice or SLURM
+    job (detected by jax), or a hand-made cluster given by JAX_COORDINATOR_ADDRESS (host:port),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a device. True if it did."""
     import os
-    multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-    if not (multi_host_tpu or slurm or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    env = os.environ
+    multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    if not (multi_host_tpu or slurm or env.get("JAX_COORDINATOR_ADDRESS")):
         return False
-    jax.distributed.initialize()
+    kw = {}
+    if env.get("JAX_NUM_PROCESSES"):
+        kw.update(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)
     return True
 
 

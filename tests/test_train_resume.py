@@ -118,3 +118,16 @@ def test_nan_stops_with_the_step_and_saves_nothing(tmp_path, shared):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "stopped: step 1: loss nan" in r.stderr and "no checkpoint was written" in r.stderr, r.stderr[-2000:]
     assert _committed(workdir) == []
+
+
+def test_resume_with_another_data_layout_warns_and_reshuffles(tmp_path, shared):
+    """A saved iterator state only fits the same data layout; after a change the run says so and goes on."""
+    workdir = tmp_path / "layout"
+    r = subprocess.run(_cmd(workdir, shared, "steps=2"), env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(_cmd(workdir, shared, "steps=3", "data.window=9"), env=_env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the data layout changed since step 2" in r.stdout
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (summary["start_step"], summary["end_step"]) == (2, 3)

@@ -1,7 +1,8 @@
 """orbax checkpoints of a run: `<workdir>/checkpoints/<step>/` with four items.
 
 - `state`: the TrainState (params, optimizer state, step, RNG), each array written from its own shards;
-- `data`: the data iterator's state (JSON), so a resumed run sees the same batches in the same order;
+- `data`: each host's data iterator state (one JSON file per process), so a resumed run sees the same
+  batches in the same order;
 - `model_config`: the model's HF config.json dict, so `restore_params` needs no training YAML;
 - `run`: the run config and trainable parts, for the record.
 
@@ -12,8 +13,12 @@ checkpoint as the latest one.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+from typing import Any
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,6 +28,42 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.train.state import TrainState
 
 ITEMS = ("state", "data", "model_config", "run")
+
+
+class HostJsonHandler(ocp.CheckpointHandler):
+    """One JSON file per process, `process_<i>-of-<n>.json`: state that differs from host to host (each reads
+    its own shard of the data). orbax's JSON handler writes the primary host's value only."""
+
+    def _file(self, directory) -> epath.Path:
+        return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory, args: "HostJsonSave"):
+        self._file(directory).write_text(json.dumps(args.value))
+
+    def restore(self, directory, args: "HostJsonRestore" = None):
+        f = self._file(directory)
+        return json.loads(f.read_text()) if f.exists() else None   # None: saved by another number of hosts
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(HostJsonHandler, for_save=True)
+@dataclasses.dataclass
+class HostJsonSave(ocp.args.CheckpointArgs):
+    value: Any
+
+
+@ocp.args.register_with_handler(HostJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class HostJsonRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpoints:
@@ -40,19 +81,21 @@ class Checkpoints:
 
     def save(self, state: TrainState, step: int, data_state: dict | None, model_config: Qwen2VLConfig,
              run: dict) -> None:
-        """Start writing step `step` (returns once the arrays are copied off the devices)."""
+        """Start writing step `step` (returns once the arrays are copied off the devices). `data_state`:
+        this host's data iterator state (JSON-able)."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state.to_dict()),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=HostJsonSave(data_state),
             model_config=ocp.args.JsonSave(model_config.to_hf_dict()),
             run=ocp.args.JsonSave(run)), force=True)
 
-    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """(state placed as `abstract`'s shardings say, data iterator state) of `step` (default latest)."""
+    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
+        """(state placed as `abstract`'s shardings say, this host's data state or None) of `step` (default
+        the latest)."""
         step = self.latest_step() if step is None else step
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract.to_dict()), data=ocp.args.JsonRestore()))
-        return TrainState.from_dict(out.state), dict(out.data or {})
+            state=ocp.args.StandardRestore(abstract.to_dict()), data=HostJsonRestore()))
+        return TrainState.from_dict(out.state), out.data
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host once any host got a preemption notice (multi-host runs)."""

@@ -46,14 +46,22 @@ def train_files(cfg: RunConfig) -> str:
     return synthetic.train_path(out)
 
 
-def make_source(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh) -> Loader:
+def layout(cfg: RunConfig, mesh: Mesh) -> dict:
+    """What this host's stream of batches depends on. A saved iterator state only fits a loader of the same
+    layout; after a change (other hosts, rows, buckets or files) the exact data order cannot be kept."""
+    start, stop = host_rows(mesh, cfg.data.batch_size)
+    return {"files": cfg.data.train, "rows": [start, stop], "batch_size": cfg.data.batch_size,
+            "buckets": [list(b) for b in cfg.data.buckets], "window": cfg.data.window, "seed": cfg.seed}
+
+
+def make_source(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, seed_offset: int = 0) -> Loader:
     """This host's rows of every global batch (`batches.host_rows`), with exact get/set_state. The files are
     split into as many disjoint shards as there are distinct row blocks; hosts holding the same rows (a
-    tensor group across hosts) read the same shard."""
+    tensor group across hosts) read the same shard. `seed_offset` reshuffles (a resume whose layout changed)."""
     start, stop = host_rows(mesh, cfg.data.batch_size)
     n = stop - start
     pipeline = PipelineConfig(
-        buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=n, window=cfg.data.window, seed=cfg.seed,
-        workers=cfg.data.workers, skip_budget=cfg.data.skip_budget, truncate=cfg.data.truncate,
-        shard_index=start // n, shard_count=cfg.data.batch_size // n)
+        buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=n, window=cfg.data.window,
+        seed=cfg.seed + seed_offset, workers=cfg.data.workers, skip_budget=cfg.data.skip_budget,
+        truncate=cfg.data.truncate, shard_index=start // n, shard_count=cfg.data.batch_size // n)
     return make_loader(train_files(cfg), processor(cfg, config), config, pipeline)

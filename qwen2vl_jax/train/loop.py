@@ -100,13 +100,13 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     that `cfg.data` describes.
     """
     t_start = time.perf_counter()
-    main = jax.process_index() == 0
-    log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
 
     # -- devices and mesh
+    sharding.initialize_distributed()   # before anything touches a device
     if cfg.compile_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
-    sharding.initialize_distributed()
+    main = jax.process_index() == 0
+    log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
     mesh = sharding.mesh_from_config(cfg.mesh)
     batches.check_rows(cfg.data.batch_size, mesh)
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} devices, "
@@ -125,17 +125,27 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     os.makedirs(cfg.workdir, exist_ok=True)
     ckpts = checkpoint.Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     latest = ckpts.latest_step()
-    if data is None:
-        from qwen2vl_jax.train.data import make_source
-        data = make_source(cfg, config, mesh)
+    own_data = data is None
+    if own_data:
+        from qwen2vl_jax.train import data as data_lib
+        layout = data_lib.layout(cfg, mesh)
+        data = data_lib.make_source(cfg, config, mesh)
+    else:
+        layout = {}
     if latest is not None:
         saved = checkpoint.read_model_config(ckpts.directory)
         if saved != config:
             raise TrainingStopped(f"{cfg.workdir} holds checkpoints of a different model than this config "
                                   "describes; use a new workdir (or the config that made them)")
-        state, data_state = ckpts.restore(abstract_state(module, tx, parts, shardings), latest)
-        if data_state:
-            data.set_state(data_state)
+        state, saved_data = ckpts.restore(abstract_state(module, tx, parts, shardings), latest)
+        if saved_data is not None and saved_data["layout"] == layout:
+            data.set_state(saved_data["state"])
+        else:
+            log(f"warning: the data layout changed since step {latest} (hosts, rows, buckets, files or seed), so "
+                "its iterator state does not fit: the data restarts, reshuffled with seed + step")
+            if own_data:
+                data.close()
+                data = data_lib.make_source(cfg, config, mesh, seed_offset=latest)
         log(f"resumed from {ckpts.directory}/{latest}")
     else:
         params = initial_params(cfg, config, shardings.params, log)
@@ -190,6 +200,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         progress.update(step, m["loss"], m["tokens_per_s"], dt)
         return m
 
+    def data_snapshot():   # this host's iterator state, with what it depends on
+        return {"layout": layout, "state": data.get_state()}
+
     pending, step, it = None, start, iter(data)
     try:
         for step in range(start + 1, cfg.steps + 1):
@@ -204,7 +217,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                     if pending is not None:
                         finish(pending)
                         pending = None
-                    ckpts.save(state, step, data.get_state(), config, run_record)
+                    ckpts.save(state, step, data_snapshot(), config, run_record)
                     last_saved = step
                 break
             host = {"data_time": time.perf_counter() - t0,
@@ -221,7 +234,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason or preempted:
                 finish(pending)   # a step is saved only after its NaN check
                 pending = None
-                ckpts.save(state, step, data.get_state(), config, run_record)
+                ckpts.save(state, step, data_snapshot(), config, run_record)
                 last_saved = step
             if stop.reason or preempted:
                 log(f"\nstopping after step {step} ({stop.reason or 'preemption'}): checkpoint saved")
