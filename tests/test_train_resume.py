@@ -131,3 +131,7 @@ def test_resume_with_another_data_layout_warns_and_reshuffles(tmp_path, shared):
     assert "the data layout changed since step 2" in r.stdout
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert (summary["start_step"], summary["end_step"]) == (2, 3)
+    # The reshuffled stream is what step 3 saved: resuming it again needs no second reshuffle.
+    r = subprocess.run(_cmd(workdir, shared, "steps=4", "data.window=9"), env=_env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "layout changed" not in r.stdout, r.stderr[-3000:]

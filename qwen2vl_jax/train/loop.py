@@ -17,6 +17,7 @@ from qwen2vl_jax import hf, sharding
 from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
+from qwen2vl_jax.train import data as data_lib
 from qwen2vl_jax.train.config import RunConfig, trainable_parts
 from qwen2vl_jax.train.state import abstract_state, init_state, state_shardings
 from qwen2vl_jax.train.step import StepFn
@@ -126,12 +127,8 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     ckpts = checkpoint.Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     latest = ckpts.latest_step()
     own_data = data is None
-    if own_data:
-        from qwen2vl_jax.train import data as data_lib
-        layout = data_lib.layout(cfg, mesh)
-        data = data_lib.make_source(cfg, config, mesh)
-    else:
-        layout = {}
+    layout = data_lib.layout(cfg, mesh) if own_data else {}
+    seed_offset, data_state = 0, None
     if latest is not None:
         saved = checkpoint.read_model_config(ckpts.directory)
         if saved != config:
@@ -139,17 +136,19 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                                   "describes; use a new workdir (or the config that made them)")
         state, saved_data = ckpts.restore(abstract_state(module, tx, parts, shardings), latest)
         if saved_data is not None and saved_data["layout"] == layout:
-            data.set_state(saved_data["state"])
+            seed_offset, data_state = saved_data["seed_offset"], saved_data["state"]
         else:
             log(f"warning: the data layout changed since step {latest} (hosts, rows, buckets, files or seed), so "
                 "its iterator state does not fit: the data restarts, reshuffled with seed + step")
-            if own_data:
-                data.close()
-                data = data_lib.make_source(cfg, config, mesh, seed_offset=latest)
+            seed_offset = latest
         log(f"resumed from {ckpts.directory}/{latest}")
     else:
         params = initial_params(cfg, config, shardings.params, log)
         state = init_state(module, tx, parts, shardings, cfg.seed, params)
+    if own_data:
+        data = data_lib.make_source(cfg, config, mesh, seed_offset)
+    if data_state is not None:
+        data.set_state(data_state)
     start = int(jax.device_get(state.step))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
@@ -201,7 +200,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         return m
 
     def data_snapshot():   # this host's iterator state, with what it depends on
-        return {"layout": layout, "state": data.get_state()}
+        return {"layout": layout, "seed_offset": seed_offset, "state": data.get_state()}
 
     pending, step, it = None, start, iter(data)
     try:
