@@ -1,5 +1,6 @@
 """Checkpoint I/O: round trip through transformers, both on-disk layouts, sharded index, clear errors."""
 
+import copy
 import json
 import os
 
@@ -63,8 +64,7 @@ def test_our_sharded_export_round_trips(hf_checkpoints, tmp_path):
 
 def test_bf16_checkpoint_loads(hf_checkpoints, tmp_path):
     cfg, ref, _ = hf_checkpoints["tiny"]
-    ref.to(torch.bfloat16).save_pretrained(str(tmp_path))
-    ref.to(torch.float32)
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(str(tmp_path))   # the shared fixture stays f32
     m = qv.load_pretrained(str(tmp_path), dtype="bfloat16")
     emb = np.asarray(m.params["model"]["embed_tokens"]["embedding"].astype(np.float32))
     want = ref.model.language_model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
