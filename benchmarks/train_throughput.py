@@ -16,14 +16,18 @@ of up to 16 shapes; at most 2048 patches per example.
 
 - ours: `StreamingPacker` (the pipeline's packer) over a `--window` look-ahead into `--rows` rows per step at
   the buckets `suggest_buckets` fits to a held-out sample, then the project's jitted train step (`StepFn`,
-  what train.py runs) in float32. Only the batches packed with a full window count (the drain at the end of a
-  finite stream is not training's steady state); their examples are the benchmark's examples.
+  what train.py runs) in float32, attention `--attn-impl` (default auto, as train.py; on the CPU auto is the
+  dense XLA kernel below 2048 tokens, `blockwise` skips the block pairs of different packed examples).
+  Only the batches packed with a full window count (the drain at the end of a finite stream is not
+  training's steady state); their examples are the benchmark's examples.
 - reference: `Qwen2VLForConditionalGeneration` (default SDPA attention, float32, train mode), the same
   examples in file order, `--pad-batch` at a time, right-padded to the longest with `labels=-100` on padding
   and non-assistant tokens and the pixel values concatenated (the default collation of LLaMA-Factory /
   ms-swift), `torch.optim.AdamW` with the same hyper-parameters.
 
-Each side runs in its own subprocess (its own threads and memory).
+Each side runs in its own subprocess (its own threads and memory). On a shared machine the wall-time ratio
+moves with the other jobs' load; the ratio of the two sides' CPU seconds over the timed steps
+(`cpu_time_ratio`) is reported beside it as a steadier check.
 
     python benchmarks/train_throughput.py [--examples 240] [--window 64] [--rows 2] [--text-len 1024]
                                           [--pad-batch 8]
@@ -95,7 +99,8 @@ def run_ours(plan: dict) -> dict:
     del examples
 
     mesh = sharding.make_mesh()
-    module = Qwen2VLModule(config, dtype=jnp.float32, param_dtype=jnp.float32, remat=plan["remat"])
+    module = Qwen2VLModule(config, dtype=jnp.float32, param_dtype=jnp.float32, remat=plan["remat"],
+                          attn_impl=plan["attn_impl"])
     parts = ("vit", "merger", "llm")
     ocfg = OptimConfig(**plan["optim"])
     tx = optim.make_optimizer(ocfg, parts)
@@ -115,12 +120,12 @@ def run_ours(plan: dict) -> dict:
             losses.append(float(m["loss"]))
     compile_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for b in host:
         state, m = step(state, put(b))
     jax.block_until_ready(state.params)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "steps": len(host), "compile_s": compile_s, "first_loss": losses[0],
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "steps": len(host), "compile_s": compile_s, "first_loss": losses[0],
             "last_loss": float(m["loss"]), "shapes": len(seen)}
 
 
@@ -152,12 +157,19 @@ def run_ref(plan: dict) -> dict:
     t0 = time.perf_counter()
     first_loss = train(collated[0])
     warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     for batch in collated:
         last_loss = train(batch)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "steps": len(collated), "compile_s": warm_s, "first_loss": first_loss,
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "steps": len(collated), "compile_s": warm_s, "first_loss": first_loss,
             "last_loss": last_loss, "shapes": len({tuple(b["input_ids"].shape) for b in collated})}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: steadier than wall time on a machine shared with other jobs."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -220,7 +232,7 @@ def make_plan(args, config, train_file: str, heldout_file: str) -> tuple[dict, d
                "ref_fill": text / ref_budget, "buckets": [list(b) for b in buckets]}
     optim = {"lr": 1e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "clip_norm": 1.0}
     plan = {"buckets": [list(b) for b in buckets], "ours": ours, "ref": ref, "rows": args.rows,
-            "remat": args.remat, "optim": optim, "data": train_file}
+            "remat": args.remat, "attn_impl": args.attn_impl, "optim": optim, "data": train_file}
     return plan, figures
 
 
@@ -234,6 +246,7 @@ def main():
     ap.add_argument("--one-size", action="store_true", help="only the largest bucket (one compiled shape)")
     ap.add_argument("--pad-batch", type=int, default=8, help="examples per pad-to-longest batch")
     ap.add_argument("--remat", default="none", help="ours: remat policy of the scanned blocks")
+    ap.add_argument("--attn-impl", default="auto", help="ours: attention kernel (xla, blockwise, auto, ...)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--worker", choices=["ours", "ref"])
@@ -292,14 +305,17 @@ def main():
     tokens = figures["real_tokens"]
     fig = {"tokens_per_s_ratio": r["wall_s"] / o["wall_s"],
            "ours_tokens_per_s": tokens / o["wall_s"], "ref_tokens_per_s": tokens / r["wall_s"],
+           "cpu_time_ratio": r["cpu_s"] / o["cpu_s"],
            "ours_fill": figures["ours_fill"], "ours_patch_fill": figures["ours_patch_fill"],
            "ref_fill": figures["ref_fill"],
            "ours_steps": o["steps"], "ref_steps": r["steps"], "ours_wall_s": o["wall_s"], "ref_wall_s": r["wall_s"],
+           "ours_cpu_s": o["cpu_s"], "ref_cpu_s": r["cpu_s"],
            "ours_shapes": o["shapes"], "ref_shapes": r["shapes"],
            "ours_first_loss": o["first_loss"], "ref_first_loss": r["first_loss"],
            "examples": figures["examples"], "real_tokens": tokens, "real_patches": figures["real_patches"],
            "rows": args.rows, "pad_batch": args.pad_batch, "window": args.window, "buckets": figures["buckets"],
-           "params": n_params, "remat": args.remat, "dtype": "float32", "cpu_count": os.cpu_count()}
+           "params": n_params, "remat": args.remat, "attn_impl": args.attn_impl, "dtype": "float32",
+           "cpu_count": os.cpu_count()}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in fig.items()}))
 
 
