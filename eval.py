@@ -61,16 +61,8 @@ class EvalConfig:
 # -- configuration ---------------------------------------------------------------------------------------
 
 def load_config(path: str | None, overrides: list[str]) -> EvalConfig:
-    from qwen2vl_jax.train.config import RunConfigError, _build, _set_dotted
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise RunConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+    from qwen2vl_jax.train.config import RunConfigError, _build, _set_dotted, read_yaml
+    raw = read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -99,20 +99,26 @@ class RunConfig:
 
 # -- building from YAML + overrides ---------------------------------------------------------------------
 
+def read_yaml(path: str | None) -> dict:
+    """The mapping in a YAML config file ({} for no file), with clear errors for a bad one."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise RunConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
 def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A RunConfig from a YAML file (or the defaults) and `key=value` overrides, validated."""
-    raw: dict = {}
+    raw = read_yaml(path)
     source = path or "defaults"
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise RunConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise RunConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
