@@ -39,6 +39,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1              # decoupled (AdamW), on kernels and embeddings only
     clip_norm: float = 1.0                 # global gradient norm clip over all trainable parts; 0 = off
+    moments_dtype: str = "float32"         # float32 | bfloat16: storage of AdamW's m and v (maths stay float32);
+                                           # bfloat16 halves them (4 -> 2 bytes per trainable param each) and
+                                           # needs b1, b2 <= 0.99: a smaller EMA step is lost to bf16 rounding
 
 
 @dataclasses.dataclass
@@ -223,6 +226,11 @@ def validate(cfg: RunConfig) -> None:
     unknown = set(cfg.optim.part_lr) - set(PARTS)
     if unknown:
         problems.append(f"optim.part_lr has unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+    if cfg.optim.moments_dtype not in ("float32", "bfloat16"):
+        problems.append(f"optim.moments_dtype must be float32 or bfloat16, got {cfg.optim.moments_dtype!r}")
+    elif cfg.optim.moments_dtype == "bfloat16" and max(cfg.optim.b1, cfg.optim.b2) > 0.99:
+        problems.append(f"optim.moments_dtype bfloat16 needs b1, b2 <= 0.99 (got {cfg.optim.b1}, {cfg.optim.b2}): "
+                        "bfloat16 keeps 8 significant bits, so an EMA step below ~0.4% would round away")
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):

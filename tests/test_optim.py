@@ -1,0 +1,167 @@
+"""AdamW with bfloat16-stored moments (`optim.moments_dtype`): the moments are stored in bf16, the maths is
+optax's float32 AdamW with only the storage rounded, it tracks the float32 optimizer within the bound that
+bf16 rounding allows, and the state survives an orbax checkpoint bit for bit."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qwen2vl_jax import sharding
+from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+from qwen2vl_jax.train import checkpoint as ck, optim, state as S
+from qwen2vl_jax.train.config import OptimConfig, RunConfigError, load
+from train_utils import random_params, tiny_config
+
+U_BF16 = 2.0 ** -8   # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+OCFG = OptimConfig(lr=1e-2, warmup_steps=0, decay_steps=100, end_lr_ratio=1.0, b1=0.9, b2=0.95,
+                   weight_decay=0.1, clip_norm=0.0)
+BF16 = dataclasses.replace(OCFG, moments_dtype="bfloat16")
+PARTS = ("llm",)
+
+
+def _problem(seed=0):
+    """An llm-part-shaped tree (kernel decayed, bias not) and a separable loss -sum(q p^2) / 2 whose gradients
+    grow in magnitude and keep their signs as AdamW moves p away from 0: every moment's magnitude only grows,
+    the regime of the bound in `test_bf16_tracks_float32`. (Weight decay, 0.1 |p| < 1, never reverses a step.)"""
+    rng = np.random.default_rng(seed)
+    sign = lambda shape: np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+    params = {"model": {"proj": {"kernel": jnp.asarray(sign((16, 8)) * rng.uniform(1, 3, (16, 8)), jnp.float32),
+                                 "bias": jnp.asarray(sign(8) * rng.uniform(1, 3, 8), jnp.float32)}}}
+    q = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32), params)
+
+    def loss(p):
+        return -0.5 * sum(jnp.sum(c * jnp.square(x)) for c, x in zip(jax.tree.leaves(q), jax.tree.leaves(p)))
+    return params, loss
+
+
+def _run(tx, params, loss, steps, round_moments=None):
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        if round_moments is not None:
+            s = round_moments(s)
+        return optax.apply_updates(p, u), s
+    s = tx.init(params)
+    traj = [params]
+    for _ in range(steps):
+        params, s = step(params, s)
+        traj.append(params)
+    return traj, s
+
+
+def _flat(p):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(p)])
+
+
+def _adam_states(s):
+    return [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)]
+
+
+def test_moments_stored_in_bf16():
+    params, loss = _problem()
+    _, s = _run(optim.make_optimizer(BF16, PARTS), params, loss, 2)
+    (adam,) = _adam_states(s)
+    for leaf in jax.tree.leaves((adam.mu, adam.nu)):
+        assert leaf.dtype == jnp.bfloat16
+    assert adam.count.dtype == jnp.int32 and int(adam.count) == 2
+    # float32 (the default) is optax's own AdamW, unchanged.
+    (adam32,) = _adam_states(_run(optim.make_optimizer(OCFG, PARTS), params, loss, 1)[1])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((adam32.mu, adam32.nu)))
+
+
+def test_float32_storage_is_optax_adamw_bit_for_bit():
+    """The custom transformation with float32 storage computes exactly what optax.scale_by_adam does."""
+    params, loss = _problem()
+    ref = optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8)
+    ours = optim.scale_by_adam_stored(0.9, 0.95, 1e-8, jnp.float32)
+    a, _ = _run(ref, params, loss, 5)
+    b, _ = _run(ours, params, loss, 5)
+    for x, y in zip(a, b):
+        assert np.array_equal(_flat(x), _flat(y))
+
+
+def test_bf16_is_float32_maths_with_rounded_storage():
+    """bf16 storage == optax's float32 AdamW whose moments are rounded to bf16 after every step: the update
+    is computed from the unrounded float32 moments, only what is kept is rounded. The first step is therefore
+    bit-identical to the float32 optimizer."""
+    params, loss = _problem()
+    rnd = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+                                 if x.dtype == jnp.float32 and x.ndim else x, t)
+
+    def round_moments(s):
+        return jax.tree.map(lambda x: optax.ScaleByAdamState(x.count, rnd(x.mu), rnd(x.nu))
+                            if isinstance(x, optax.ScaleByAdamState) else x, s,
+                            is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+
+    ours, _ = _run(optim.make_optimizer(BF16, PARTS), params, loss, 10)
+    simulated, _ = _run(optim.make_optimizer(OCFG, PARTS), params, loss, 10, round_moments)
+    exact32, _ = _run(optim.make_optimizer(OCFG, PARTS), params, loss, 1)
+    assert np.array_equal(_flat(ours[1]), _flat(exact32[1]))
+    for x, y in zip(ours, simulated):
+        assert np.array_equal(_flat(x), _flat(y))
+
+
+def test_bf16_tracks_float32():
+    """Over 20 steps the bf16-moment trajectory stays within the rounding bound of the float32 one.
+
+    Bound: each store rounds a moment by a relative u = 2^-8. While the gradients keep their signs and grow,
+    the moments' magnitudes only grow, so the errors summed through the EMA stay below u / (1 - b1) of mu and
+    u / (1 - b2) of nu, i.e. u / (2 (1 - b2)) of sqrt(nu). Every update, and hence the whole displacement
+    from the start, is then off by at most u (1 / (1 - b1) + 1 / (2 (1 - b2))) = 20 u ~ 7.8% relative (the
+    different trajectories' gradients differ by a second-order amount at this lr)."""
+    params, loss = _problem()
+    steps = 20
+    f32, _ = _run(optim.make_optimizer(OCFG, PARTS), params, loss, steps)
+    b16, _ = _run(optim.make_optimizer(BF16, PARTS), params, loss, steps)
+    grads = [_flat(jax.grad(loss)(p)) for p in f32]
+    assert all(np.all(np.abs(b) > np.abs(a)) and np.all(np.sign(b) == np.sign(a)) for a, b in zip(grads, grads[1:]))
+    bound = U_BF16 * (1 / (1 - OCFG.b1) + 1 / (2 * (1 - OCFG.b2)))
+    p0, worst = _flat(params), 0.0
+    for t in range(1, steps + 1):
+        d32, d16 = _flat(f32[t]) - p0, _flat(b16[t]) - p0
+        rel = np.linalg.norm(d16 - d32) / np.linalg.norm(d32)
+        assert rel <= bound, (t, rel)
+        worst = max(worst, rel)
+    print(f"bf16 vs f32 moments: worst relative displacement error {worst:.2e} (bound {bound:.2e})")
+    assert float(loss(b16[-1])) < float(loss(params))   # and it does optimise
+
+
+def test_config_key_and_validation():
+    cfg = load(None, ["optim.moments_dtype=bfloat16"])
+    assert cfg.optim.moments_dtype == "bfloat16"
+    assert load(None).optim.moments_dtype == "float32"
+    with pytest.raises(RunConfigError, match="moments_dtype must be float32 or bfloat16"):
+        load(None, ["optim.moments_dtype=float16"])
+    with pytest.raises(RunConfigError, match="needs b1, b2 <= 0.99"):
+        load(None, ["optim.moments_dtype=bfloat16", "optim.b2=0.999"])
+
+
+def test_bf16_state_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config()
+    module = Qwen2VLModule(cfg)
+    parts = ("merger", "llm")
+    tx = optim.make_optimizer(dataclasses.replace(BF16, clip_norm=1.0), parts)
+    shardings = S.state_shardings(module, tx, parts, sharding.make_mesh(1, 1, 1))
+    params = random_params(module, 0)
+    trainable = optim.split(params, parts)[0]
+    opt = jax.jit(lambda t: tx.update(jax.tree.map(lambda x: x * 0.5, t), tx.init(t), t)[1])(trainable)
+    st = jax.device_put(S.TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=opt,
+                                     rng=jax.random.key_data(jax.random.key(0))), shardings)
+    ckpts = ck.Checkpoints(str(tmp_path), keep=1)
+    ckpts.save(st, 1, None, cfg, {})
+    ckpts.wait()
+    back, _ = ckpts.restore(S.abstract_state(module, tx, parts, shardings), 1)
+    ckpts.close()
+    adams = _adam_states(back.opt_state)
+    assert len(adams) == 2   # merger and llm
+    assert {x.dtype for a in adams for x in jax.tree.leaves((a.mu, a.nu))} == {jnp.dtype(jnp.bfloat16)}
+    la, lb = jax.tree.leaves(st), jax.tree.leaves(back)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
