@@ -86,3 +86,32 @@ def test_auto_uses_dense_for_decoding_and_refuses_slots_elsewhere():
     np.testing.assert_allclose(out, attention(q, k, v, seg, seg, causal=True, scale=0.3), atol=1e-6)
     with pytest.raises(ValueError, match="does not take cache slot indices"):
         attention(q, k, v, seg, seg, causal=True, scale=0.3, q_index=idx, impl="blockwise")
+
+
+_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not _GPU, reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("causal,h,hkv,d", [(False, 16, 16, 80), (True, 12, 2, 128)])
+def test_cudnn_matches_dense(causal, h, hkv, d):
+    """cuDNN flash attention with the packed-segment mask, bf16 (its input type), values and gradients,
+    against the dense path on the same bf16 inputs computed in f32."""
+    b, l = 2, 384
+    seg = _packed_segments(b, l, [[37, 80, 16, 150], [200, 64]])
+    q, k, v = _qkv(b, l, h, hkv, d, seed=5, dtype=jnp.bfloat16)
+    valid = np.asarray(seg != 0)
+    cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32) * valid[..., None, None]
+
+    def loss(impl, q, k, v):
+        if impl == "xla":
+            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        out = attention(q, k, v, seg, seg, causal=causal, scale=d ** -0.5, impl=impl)
+        return (out.astype(jnp.float32) * cot).sum(), out
+
+    (_, ref), g_ref = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), g_out = jax.jit(jax.value_and_grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    # bf16 output rounding (2^-8 relative) and bf16 probabilities inside the kernel
+    np.testing.assert_allclose(np.asarray(out, np.float32)[valid], np.asarray(ref)[valid], atol=2e-2, rtol=0)
+    for name, a, r in zip("qkv", g_out, g_ref):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.abs(a - r).max() <= 2e-2 * np.abs(r).max(), f"d{name}"

@@ -1,0 +1,34 @@
+#!/bin/bash
+# One short run on an NVIDIA GPU (H200): the cuDNN attention tests, the attention backends at the model's
+# packed shapes, and the real 2B train step's MFU in bf16 (blockwise, then cuDNN attention).
+# Uses the machine's own jax/flax/optax (no install). Logs and JSON lines go to $OUT (default /tmp/gpu_check).
+#
+#     bash benchmarks/gpu_check.sh [seconds]     # total budget, default 420
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+budget=${1:-420}
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+step() {   # step NAME SECONDS command...: run with a timeout capped by what is left; log to $OUT/NAME.log
+    local name=$1 want=$2; shift 2
+    local t; t=$(left); [ "$want" -lt "$t" ] && t=$want
+    if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${t}s left" | tee -a "$OUT/summary.txt"; return; fi
+    echo "== $name (limit ${t}s)" | tee -a "$OUT/summary.txt"
+    timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+    echo "   rc $? after $(($(date +%s) - start))s" | tee -a "$OUT/summary.txt"
+    grep -E '^\{' "$OUT/$name.log" | tail -1 | tee -a "$OUT/summary.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" >> "$OUT/summary.txt"
+step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
+tail -3 "$OUT/tests.log" >> "$OUT/summary.txt"
+step attention 110 $PY benchmarks/attention.py --full --repeats 5
+step mfu_blockwise 170 $PY benchmarks/mfu.py --full --steps 5 --attn-impl auto --loss-chunk 2048
+step mfu_cudnn 150 $PY benchmarks/mfu.py --full --steps 5 --attn-impl cudnn --loss-chunk 2048
+cat "$OUT/summary.txt"
