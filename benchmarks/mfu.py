@@ -117,6 +117,7 @@ def main():
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     ap.add_argument("--loss-chunk", type=int, default=0, help="text positions per logits chunk (0 = all at once)")
     ap.add_argument("--attn-impl", default="auto")
+    ap.add_argument("--profile", default="", help="write a trace of two more steps here (perfetto JSON included)")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="peak per device; default: the device kind's bf16 peak, or a measured f32 matmul on CPU")
     args = ap.parse_args()
@@ -183,6 +184,11 @@ def main():
         jax.block_until_ready((state.params, m["loss"]))
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(2):
+                state, m = step(state, batch)
+            jax.block_until_ready((state.params, m["loss"]))
     mfu = flops / step_s / peak
     print(f"step {step_s:.3f} s (median of {args.steps}: {', '.join(f'{t:.3f}' for t in times)}), "
           f"{flops / step_s / 1e12:.3f} TFLOP/s, MFU {mfu:.3f}; loss {float(m['loss']):.3f}; warm-up {warm_s:.1f} s",

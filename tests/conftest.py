@@ -19,3 +19,10 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(path)
         out[name] = (cfg, model, path)
     return out
+
+
+def pytest_configure(config):
+    # GPUs run f32 matmuls in TF32 by default (about 1e-3 relative); the parity tests hold f32 to 1e-5.
+    import jax
+    if jax.default_backend() == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2vl_jax.model.attention import attention
+from qwen2vl_jax.model.attention import attention, make_mask, segment_runs
 from qwen2vl_jax.model.blockwise import _block_pairs, blockwise_attention
 
 
@@ -88,16 +88,37 @@ def test_auto_uses_dense_for_decoding_and_refuses_slots_elsewhere():
         attention(q, k, v, seg, seg, causal=True, scale=0.3, q_index=idx, impl="blockwise")
 
 
+def test_segment_runs_describe_the_segment_mask():
+    """cuDNN's packed layout (run offsets and lengths) holds exactly the mask of the segment ids."""
+    seg = _packed_segments(3, 64, [[5, 20, 1, 30], [64], []])   # padded end, a full row, an empty row
+    lengths, offsets, runs = segment_runs(seg, max_runs=6)
+    assert lengths.shape == (3, 6) and offsets.shape == (3, 7) and int(runs) == 4
+    np.testing.assert_array_equal(lengths[0], [5, 20, 1, 30, -1, -1])
+    np.testing.assert_array_equal(offsets[0], [0, 5, 25, 26, -1, -1, -1])
+    np.testing.assert_array_equal(lengths[2], [-1] * 6)
+    rebuilt = np.zeros((3, 64, 64), bool)
+    for r in range(3):
+        for n, o in zip(np.asarray(lengths[r]), np.asarray(offsets[r])):
+            if n > 0:
+                rebuilt[r, o:o + n, o:o + n] = True
+    np.testing.assert_array_equal(rebuilt, np.asarray(make_mask(seg, seg, causal=False))[:, 0, 0])
+    assert int(segment_runs(seg, max_runs=3)[2]) == 4   # more runs than the bound: reported, so callers fall back
+
+
 _GPU = jax.default_backend() == "gpu"
 
 
 @pytest.mark.skipif(not _GPU, reason="cuDNN attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("causal,h,hkv,d", [(False, 16, 16, 80), (True, 12, 2, 128)])
-def test_cudnn_matches_dense(causal, h, hkv, d):
-    """cuDNN flash attention with the packed-segment mask, bf16 (its input type), values and gradients,
-    against the dense path on the same bf16 inputs computed in f32."""
+@pytest.mark.parametrize("causal,h,hkv,d,sizes", [
+    (False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
+    (True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
+    (True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: the dense-mask fallback
+])
+def test_cudnn_matches_dense(causal, h, hkv, d, sizes):
+    """cuDNN flash attention over packed segments, bf16 (its input type), values and gradients, against the
+    dense path on the same bf16 inputs computed in f32."""
     b, l = 2, 384
-    seg = _packed_segments(b, l, [[37, 80, 16, 150], [200, 64]])
+    seg = _packed_segments(b, l, sizes)
     q, k, v = _qkv(b, l, h, hkv, d, seed=5, dtype=jnp.bfloat16)
     valid = np.asarray(seg != 0)
     cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32) * valid[..., None, None]

@@ -9,8 +9,11 @@ Backends (`impl`):
 - "xla": masked dense reference path; the softmax runs in f32 as in the reference's eager path.
 - "blockwise": segment-aware flash-style path (blockwise.py), cost ~ sum(n_i^2) over packed examples.
 - "splash": Pallas splash attention with segment ids (TPU; `splash_interpret` runs it on CPU for tests).
-- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` with the segment mask (NVIDIA GPUs).
-- "auto": splash on TPU, blockwise for long sequences elsewhere, xla for short ones and for decoding.
+- "cudnn": cuDNN flash attention (NVIDIA GPUs, bf16/f16) in its packed layout: each row's segments are passed
+  as (offset, length) runs, so the kernel skips what cannot meet, like blockwise; a row with more runs than
+  the static bound falls back to cuDNN with the dense segment mask.
+- "auto": splash on TPU; on GPUs cuDNN for bf16/f16 and xla for f32; elsewhere blockwise for long sequences
+  and xla for short ones; xla for decoding everywhere.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
             impl = "xla"
         elif platform == "tpu":
             impl = "splash"
+        elif platform == "gpu":   # measured on H200 (benchmarks/attention.py): blockwise loses to dense there
+            impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
         else:
             impl = "blockwise" if max(q.shape[1], k.shape[1]) >= AUTO_BLOCKWISE_MIN_LEN else "xla"
     if impl != "xla" and cached:
@@ -63,8 +68,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
                                 interpret=impl == "splash_interpret")
     if impl == "cudnn":
-        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, cudnn or auto")
 
 
@@ -79,6 +83,52 @@ def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, q_
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, lq, h, dh)
+
+
+def segment_runs(segment_ids, max_runs: int):
+    """(B, L) segment ids, each non-zero id one contiguous run -> cuDNN's packed layout: lengths (B, max_runs)
+    and offsets (B, max_runs + 1), int32, -1 past a row's last run; and the largest run count of any row."""
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
+    nxt = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+    starts = (segment_ids != 0) & (segment_ids != prev)
+    ends = (segment_ids != 0) & (segment_ids != nxt)
+
+    def row(s, e):
+        first = jnp.nonzero(s, size=max_runs, fill_value=-1)[0].astype(jnp.int32)
+        last = jnp.nonzero(e, size=max_runs, fill_value=-1)[0].astype(jnp.int32)
+        return jnp.where(first >= 0, last - first + 1, -1), jnp.pad(first, (0, 1), constant_values=-1)
+
+    lengths, offsets = jax.vmap(row)(starts, ends)
+    return lengths, offsets, starts.sum(-1).max()
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, max_runs=None):
+    """cuDNN flash attention over packed rows (NVIDIA GPUs; q, k, v in bf16 or f16). Rows hold up to
+    `max_runs` segments (default max(64, L // 16)) in the packed layout (Hopper and later); more, or an
+    older GPU, fall back to the dense mask.
+    Padding (segment 0) rows give zeros, and no gradient flows through them."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    lq, lk = q.shape[1], k.shape[1]
+    max_runs = max_runs or max(64, max(lq, lk) // 16)
+    q_valid, kv_valid = (q_segment_ids != 0)[..., None, None], (kv_segment_ids != 0)[..., None, None]
+    q, k, v = jnp.where(q_valid, q, 0), jnp.where(kv_valid, k, 0), jnp.where(kv_valid, v, 0)
+    q_len, q_off, q_runs = segment_runs(q_segment_ids, max_runs)
+    kv_len, kv_off, kv_runs = segment_runs(kv_segment_ids, max_runs)
+    mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+
+    def packed(q, k, v):
+        return fa.dot_product_attention(q, k, v, q_seqlen=q_len, kv_seqlen=kv_len, q_offsets=q_off,
+                                        kv_offsets=kv_off, scale=scale, mask_type=mask_type)
+
+    def masked(q, k, v):
+        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+
+    if not fa.check_compute_capability("9.0"):   # cuDNN's packed layout needs Hopper or later
+        return jnp.where(q_valid, masked(q, k, v), 0)
+    out = jax.lax.cond(jnp.maximum(q_runs, kv_runs) > max_runs, masked, packed, q, k, v)
+    return jnp.where(q_valid, out, 0)
 
 
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, interpret=False, block=512):
