@@ -1,7 +1,7 @@
 #!/bin/bash
 # One short run on an NVIDIA GPU (H200): the cuDNN attention tests, the attention backends at the model's
 # packed shapes, and the real 2B train step's MFU in bf16 (auto attention = cuDNN there, with a trace of
-# two steps and its top operations; then blockwise attention).
+# two steps and its top operations).
 # Uses the machine's own jax/flax/optax (no install). Logs and JSON lines go to $OUT (default /tmp/gpu_check).
 #
 #     bash benchmarks/gpu_check.sh [seconds]     # total budget, default 420
@@ -33,5 +33,4 @@ step attention 110 $PY benchmarks/attention.py --full --repeats 5
 step mfu 170 $PY benchmarks/mfu.py --full --steps 5 --attn-impl auto --loss-chunk 2048 --profile /tmp/mfu_trace
 cp "$(ls -t $(find /tmp/mfu_trace -name '*.trace.json.gz' ! -name 'perfetto*') | head -1)" "$OUT/mfu_trace.json.gz"
 step trace_top 60 $PY benchmarks/trace_top.py /tmp/mfu_trace --steps 2 --top 30
-step mfu_blockwise 150 $PY benchmarks/mfu.py --full --steps 5 --attn-impl blockwise --loss-chunk 2048
 cat "$OUT/summary.txt"
