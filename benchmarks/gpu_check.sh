@@ -27,10 +27,11 @@ step() {   # step NAME SECONDS command...: run with a timeout capped by what is 
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >> "$OUT/summary.txt"
-step tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
-tail -3 "$OUT/tests.log" >> "$OUT/summary.txt"
-step attention 110 $PY benchmarks/attention.py --full --repeats 5
 step mfu 170 $PY benchmarks/mfu.py --full --steps 5 --attn-impl auto --loss-chunk 2048 --profile /tmp/mfu_trace
-cp "$(ls -t $(find /tmp/mfu_trace -name '*.trace.json.gz' ! -name 'perfetto*') | head -1)" "$OUT/mfu_trace.json.gz"
+trace=$(find /tmp/mfu_trace -name '*.trace.json.gz' ! -name 'perfetto*' 2>/dev/null | head -1)
+[ -n "$trace" ] && cp "$trace" "$OUT/mfu_trace.json.gz"
 step trace_top 60 $PY benchmarks/trace_top.py /tmp/mfu_trace --steps 2 --top 30
+step attention 110 $PY benchmarks/attention.py --full --repeats 5 --impls xla cudnn
+step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
+tail -3 "$OUT/tests.log" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

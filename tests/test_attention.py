@@ -112,7 +112,7 @@ _GPU = jax.default_backend() == "gpu"
 @pytest.mark.parametrize("causal,h,hkv,d,sizes", [
     (False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
     (True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
-    (True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: the dense-mask fallback
+    (True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: the blockwise fallback
 ])
 def test_cudnn_matches_dense(causal, h, hkv, d, sizes):
     """cuDNN flash attention over packed segments, bf16 (its input type), values and gradients, against the

@@ -11,7 +11,7 @@ Backends (`impl`):
 - "splash": Pallas splash attention with segment ids (TPU; `splash_interpret` runs it on CPU for tests).
 - "cudnn": cuDNN flash attention (NVIDIA GPUs, bf16/f16) in its packed layout: each row's segments are passed
   as (offset, length) runs, so the kernel skips what cannot meet, like blockwise; a row with more runs than
-  the static bound falls back to cuDNN with the dense segment mask.
+  the static bound takes the blockwise path.
 - "auto": splash on TPU; on GPUs cuDNN for bf16/f16 and xla for f32; elsewhere blockwise for long sequences
   and xla for short ones; xla for decoding everywhere.
 """
@@ -104,11 +104,16 @@ def segment_runs(segment_ids, max_runs: int):
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, max_runs=None):
     """cuDNN flash attention over packed rows (NVIDIA GPUs; q, k, v in bf16 or f16). Rows hold up to
-    `max_runs` segments (default max(64, L // 16)) in the packed layout (Hopper and later); more, or an
-    older GPU, fall back to the dense mask.
-    Padding (segment 0) rows give zeros, and no gradient flows through them."""
+    `max_runs` segments (default max(64, L // 16)) in cuDNN's packed layout (Hopper and later); a row with
+    more runs takes the blockwise path instead (both keep O(L) residuals, so the branch not taken costs no
+    memory), and GPUs before Hopper get cuDNN with the dense segment mask. Padding (segment 0) rows give
+    zeros, and no gradient flows through them."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
+    if not fa.check_compute_capability("9.0"):   # cuDNN's packed layout needs Hopper or later
+        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
     lq, lk = q.shape[1], k.shape[1]
     max_runs = max_runs or max(64, max(lq, lk) // 16)
     q_valid, kv_valid = (q_segment_ids != 0)[..., None, None], (kv_segment_ids != 0)[..., None, None]
@@ -121,13 +126,10 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, ma
         return fa.dot_product_attention(q, k, v, q_seqlen=q_len, kv_seqlen=kv_len, q_offsets=q_off,
                                         kv_offsets=kv_off, scale=scale, mask_type=mask_type)
 
-    def masked(q, k, v):
-        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    def many_runs(q, k, v):
+        return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
 
-    if not fa.check_compute_capability("9.0"):   # cuDNN's packed layout needs Hopper or later
-        return jnp.where(q_valid, masked(q, k, v), 0)
-    out = jax.lax.cond(jnp.maximum(q_runs, kv_runs) > max_runs, masked, packed, q, k, v)
+    out = jax.lax.cond(jnp.maximum(q_runs, kv_runs) > max_runs, many_runs, packed, q, k, v)
     return jnp.where(q_valid, out, 0)
 
 
