@@ -98,7 +98,7 @@ def main():
     args = ap.parse_args()
     platform = jax.default_backend()
     dtype = jnp.bfloat16 if args.full else jnp.float32
-    impls = args.impls or (["xla", "blockwise"] + {"gpu": ["cudnn"], "tpu": ["splash"]}.get(platform, []))
+    impls = args.impls or (["xla", "blockwise"] + {"gpu": ["cudnn", "cudnn_packed"], "tpu": ["splash"]}.get(platform, []))
     lengths = dict(zip(("vit", "llm"), args.lengths or ((16384, 8192) if args.full else (4096, 2048))))
     shapes = {"vit": (16, 16, 80), "llm": (12, 2, 128)}
     rng = np.random.default_rng(0)

@@ -109,12 +109,14 @@ _GPU = jax.default_backend() == "gpu"
 
 
 @pytest.mark.skipif(not _GPU, reason="cuDNN attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("causal,h,hkv,d,sizes", [
-    (False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
-    (True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
-    (True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: the blockwise fallback
+@pytest.mark.parametrize("impl,causal,h,hkv,d,sizes", [
+    ("cudnn", False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
+    ("cudnn", True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
+    ("cudnn_packed", False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
+    ("cudnn_packed", True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
+    ("cudnn_packed", True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: blockwise
 ])
-def test_cudnn_matches_dense(causal, h, hkv, d, sizes):
+def test_cudnn_matches_dense(impl, causal, h, hkv, d, sizes):
     """cuDNN flash attention over packed segments, bf16 (its input type), values and gradients, against the
     dense path on the same bf16 inputs computed in f32."""
     b, l = 2, 384
@@ -130,7 +132,7 @@ def test_cudnn_matches_dense(causal, h, hkv, d, sizes):
         return (out.astype(jnp.float32) * cot).sum(), out
 
     (_, ref), g_ref = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    (_, out), g_out = jax.jit(jax.value_and_grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), g_out = jax.jit(jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
     # bf16 output rounding (2^-8 relative) and bf16 probabilities inside the kernel
     np.testing.assert_allclose(np.asarray(out, np.float32)[valid], np.asarray(ref)[valid], atol=2e-2, rtol=0)
     for name, a, r in zip("qkv", g_out, g_ref):
