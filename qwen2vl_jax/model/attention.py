@@ -12,9 +12,11 @@ Backends (`impl`):
 - "cudnn": cuDNN flash attention (NVIDIA GPUs, bf16/f16) with the dense segment mask.
 - "cudnn_packed" (experimental): cuDNN in its packed layout, each row's segments passed as (offset, length)
   runs so the kernel skips what cannot meet. Measured on an H200 (benchmarks/attention.py --full): the forward
-  is 6.5x faster than "cudnn" on a packed ViT row of 16384 patches, but forward + backward is no faster, and
-  the 2B train step ran out of memory (201 GB asked) where "cudnn" fits; not used by "auto" until that is
-  understood.
+  is 6.5x faster than "cudnn" on a packed ViT row of 16384 patches, but forward + backward was no faster and
+  the 2B train step ran out of memory (201 GB asked) where "cudnn" fits. The cause, found afterwards with
+  `print_saved_residuals`: cuDNN keeps softmax statistics of (runs bound, heads, L) per layer, 1 GB per ViT
+  layer at the bound then used (L // 16 = 1024 runs). The bound is now 64; not re-measured on a GPU, so
+  not used by "auto".
 - "auto": splash on TPU; on GPUs cuDNN for bf16/f16 and xla for f32; elsewhere blockwise for long sequences
   and xla for short ones; xla for decoding everywhere.
 """
@@ -109,9 +111,9 @@ def segment_runs(segment_ids, max_runs: int):
     return lengths, offsets, starts.sum(-1).max()
 
 
-def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, max_runs=None):
+def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, max_runs=64):
     """cuDNN flash attention over packed rows (NVIDIA GPUs; q, k, v in bf16 or f16). Rows hold up to
-    `max_runs` segments (default max(64, L // 16)) in cuDNN's packed layout (Hopper and later); a row with
+    `max_runs` segments in cuDNN's packed layout (Hopper and later); a row with
     more runs takes the blockwise path instead (both keep O(L) residuals, so the branch not taken costs no
     memory), and GPUs before Hopper get cuDNN with the dense segment mask. Padding (segment 0) rows give
     zeros, and no gradient flows through them."""
@@ -121,8 +123,7 @@ def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, sc
         mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
         return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
-    lq, lk = q.shape[1], k.shape[1]
-    max_runs = max_runs or max(64, max(lq, lk) // 16)
+    # cuDNN saves softmax statistics of (B * max_runs, heads, Lq) for the backward pass: keep the bound small.
     q_valid, kv_valid = (q_segment_ids != 0)[..., None, None], (kv_segment_ids != 0)[..., None, None]
     q, k, v = jnp.where(q_valid, q, 0), jnp.where(kv_valid, k, 0), jnp.where(kv_valid, v, 0)
     q_len, q_off, q_runs = segment_runs(q_segment_ids, max_runs)
