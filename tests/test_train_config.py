@@ -116,5 +116,11 @@ def test_memory_estimate_counts_every_param():
         assert e["params"] * GiB == pytest.approx(4 * total, rel=1e-12)
         assert e["optimizer"] * GiB == pytest.approx(8 * trained, rel=1e-12)
         assert e["grads"] * GiB == pytest.approx(4 * trained, rel=1e-12)
+        # bfloat16 moments: 2 bytes each of mu and nu per trained param; nothing else changes
+        e16 = estimate(load(os.path.join(ROOT, "configs", f"stage{stage}_7b.yaml"),
+                            ["mesh.fsdp=1", "mesh.tensor=1", "data.batch_size=1", "grad_accum=1",
+                             "optim.moments_dtype=bfloat16"]), 1)
+        assert e16["optimizer"] * GiB == pytest.approx(4 * trained, rel=1e-12)
+        assert e16["total"] - e["total"] == pytest.approx(-4 * trained / GiB, rel=1e-12)
     sharded = estimate(load(os.path.join(ROOT, "configs", "stage2_7b.yaml")), 64)   # fsdp 16 x tensor 4
     assert 4 * total / 64 <= sharded["params"] * GiB <= 4 * total / 16              # norms are replicated

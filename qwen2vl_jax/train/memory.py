@@ -4,7 +4,8 @@
 
 Counts, per chip:
 - params: float32 master weights, each sharded as its logical axes map onto the mesh (RULES);
-- optimizer: AdamW mu and nu (float32) of the trainable parts only;
+- optimizer: AdamW mu and nu of the trainable parts only, in `optim.moments_dtype` (float32: 4 bytes each
+  per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
   micro-batch's gradient);
 - activations: what the backward pass keeps across the scanned layers under the remat policy (the layer
@@ -53,8 +54,12 @@ def _shards(spec, sizes) -> int:
     return n
 
 
-def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum: int) -> dict[str, float]:
-    """Per-chip bytes of params, optimizer state and gradients."""
+MOMENT_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum: int,
+                moments_dtype: str = "float32") -> dict[str, float]:
+    """Per-chip bytes of params, optimizer state (mu and nu in `moments_dtype`) and gradients."""
     boxed = api.abstract_params(Qwen2VLModule(config))
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
@@ -62,7 +67,8 @@ def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum:
                             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, _ = optim.split(per_leaf, parts)
     p, t = sum(jax.tree.leaves(per_leaf)), sum(jax.tree.leaves(trainable))
-    return {"params": p, "optimizer": 2 * t, "grads": t * (2 if grad_accum > 1 else 1)}
+    return {"params": p, "optimizer": 2 * t * MOMENT_BYTES[moments_dtype] / 4,
+            "grads": t * (2 if grad_accum > 1 else 1)}
 
 
 def _layer_elems(d, heads_dim, kv_dim, mlp, t, policy, norms=2):
@@ -128,7 +134,7 @@ def estimate(cfg: RunConfig, devices: int, config: Qwen2VLConfig | None = None) 
     from qwen2vl_jax.train.loop import model_config
     config = config or model_config(cfg)
     sizes = mesh_sizes(cfg, devices)
-    out = {**state_bytes(config, trainable_parts(cfg), sizes, cfg.grad_accum),
+    out = {**state_bytes(config, trainable_parts(cfg), sizes, cfg.grad_accum, cfg.optim.moments_dtype),
            **activation_bytes(cfg, config, sizes)}
     out["total"] = sum(out.values())
     return {k: v / GiB for k, v in out.items()}
