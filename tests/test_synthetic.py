@@ -108,3 +108,23 @@ def test_records_encode_within_the_patch_budget(tmp_path):
         kinds.add("video" if len(ex["video_grid_thw"]) else "image" if len(ex["image_grid_thw"]) else "text")
         assert (ex["labels"] != -100).any()
     assert kinds == {"video", "image", "text"}
+
+
+def test_demo_mix_draws_one_large_shape_per_picture(tmp_path):
+    """The demo set (`SyntheticConfig.demo`, what `python train.py` generates): every picture holds one shape
+    whose side is half to four fifths of the picture's short side."""
+    config = synthetic.SyntheticConfig.demo()
+    train, _ = synthetic.generate(str(tmp_path), size=40, heldout_size=0, seed=2, config=config)
+    seen = 0
+    for line in open(train):
+        r = json.loads(line)
+        layouts = r["meta"].get("shapes")
+        if layouts is None:
+            continue
+        for shapes, rel in zip(layouts if r["meta"]["task"] in ("compare", "total") else [layouts], r["images"]):
+            w, h = Image.open(os.path.join(tmp_path, rel)).size
+            assert len(shapes) == 1 and 56 <= min(w, h) and max(w, h) <= 84
+            x0, _, x1, _ = shapes[0]["box"]
+            assert int(0.5 * min(w, h)) <= x1 - x0 + 1 <= int(0.8 * min(w, h))
+            seen += 1
+    assert seen >= 20

@@ -46,10 +46,19 @@ class SyntheticConfig:
     p_caption: float = 0.0              # single-image examples asking for a description of every shape (long)
     max_images: int = 2                 # images of a multi-image example: 2..max_images
     max_shapes: int = 4                 # shapes per image at most (fewer on small images)
+    shape_scale: tuple[float, float] = (0.25, 0.5)   # side of a shape / short side of the image (up to 4 shapes)
     video_frames: tuple[int, int] = (4, 8)    # frames per video, inclusive range (even counts)
     video_side: tuple[int, int] = (56, 84)    # frame side range, pixels
     video_pixels: tuple[int, int] | None = (3136, 3136)   # (min, max) pixels per frame written into each video
     #                                                       item; None = the processor's video defaults
+
+    @classmethod
+    def demo(cls) -> "SyntheticConfig":
+        """The set `python train.py` generates: one large shape per picture (half to four fifths of its short
+        side) on 56-84 px images, so that the tiny demo model learns to read colours and shapes from the
+        pixels within a few hundred CPU steps. With several small shapes it learns the answer priors and
+        little more in that budget: colour questions stayed at chance after 900 steps."""
+        return cls(min_side=56, max_side=84, max_shapes=1, shape_scale=(0.5, 0.8))
 
     @classmethod
     def realistic(cls) -> "SyntheticConfig":
@@ -135,7 +144,7 @@ def make_record(data_dir: str, split: str, index: int, seed: int, config: Synthe
 
 def _single_image(rng, config, data_dir, stem):
     (w, h), = _image_sizes(rng, config, 1)
-    shapes = _layout(rng, w, h, _shape_budget(rng, config, w, h))
+    shapes = _layout(rng, w, h, _shape_budget(rng, config, w, h), config.shape_scale)
     path = _save(_draw(rng, w, h, shapes), data_dir, f"{stem}.png")
     if rng.random() < config.p_caption:
         question, answer = "Describe every shape in the image.", _describe(shapes, w, h)
@@ -147,7 +156,7 @@ def _single_image(rng, config, data_dir, stem):
 def _multi_image(rng, config, data_dir, stem):
     k = int(rng.integers(2, max(2, config.max_images) + 1))
     sizes = _image_sizes(rng, config, k)
-    layouts = [_layout(rng, w, h, _shape_budget(rng, config, w, h)) for w, h in sizes]
+    layouts = [_layout(rng, w, h, _shape_budget(rng, config, w, h), config.shape_scale) for w, h in sizes]
     if k == 2 and len(layouts[0]) == len(layouts[1]):   # "which has more" needs different counts
         fewer = 0 if len(layouts[0]) > 1 else 1
         layouts[fewer] = layouts[fewer][:-1] if len(layouts[fewer]) > 1 else layouts[fewer]
@@ -262,10 +271,10 @@ def _shape_budget(rng, config, w, h) -> int:
     return int(rng.integers(1, max(1, min(config.max_shapes, room)) + 1))
 
 
-def _layout(rng, w, h, n):
+def _layout(rng, w, h, n, scale=(0.25, 0.5)):
     """Up to n non-overlapping shapes: [{"shape", "colour", "box": [x0, y0, x1, y1]}] (box inclusive)."""
     short = min(w, h)
-    lo, hi = max(8, int(0.25 * short)), max(8, int(0.5 * short))
+    lo, hi = max(8, int(scale[0] * short)), max(8, int(scale[1] * short))
     if n > 4:  # many shapes: smaller ones, so they fit
         lo, hi = max(8, int(0.6 * short / math.sqrt(n))), max(8, int(1.2 * short / math.sqrt(n)))
     shapes = []

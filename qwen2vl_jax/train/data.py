@@ -39,7 +39,7 @@ def train_files(cfg: RunConfig) -> str:
     from qwen2vl_jax.data import synthetic
     out = cfg.data.synthetic_dir or os.path.join(cfg.workdir, "synthetic")
     if jax.process_index() == 0:
-        synthetic.generate(out, size=cfg.data.synthetic_size)
+        synthetic.generate(out, size=cfg.data.synthetic_size, config=synthetic.SyntheticConfig.demo())
     if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a shared filesystem)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data written")
