@@ -11,7 +11,9 @@ runs after a warm-up (which compiles ours). Ours also reports its own split of o
 decode loop). transformers runs with its default (SDPA) attention. Ratios come first: > 1 means ours is
 faster. `greedy_tokens_equal` counts the leading new tokens on which both sides agree.
 
-    python benchmarks/generate.py [--new-tokens 32] [--repeats 3] [--threads N]
+`--dtype bfloat16` loads and runs both sides in bfloat16.
+
+    python benchmarks/generate.py [--new-tokens 32] [--repeats 3] [--threads N] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ def median_time(fn, repeats):
     return float(np.median(ts))
 
 
-def bench_ours(path, ids, pv, grid, n, repeats):
+def bench_ours(path, ids, pv, grid, n, repeats, dtype="float32"):
     import jax
     import qwen2vl_jax as qv
     from qwen2vl_jax import infer
 
-    model = qv.load_pretrained(path)
+    model = qv.load_pretrained(path, dtype=dtype)
     kw = dict(pixel_values=pv, image_grid_thw=grid, eos_token_id=())
 
     def gen(k):
@@ -86,16 +88,17 @@ def bench_ours(path, ids, pv, grid, n, repeats):
             "decode_loop_tokens_per_s": (n - 1) / float(np.median(loops))}, tokens
 
 
-def bench_hf(path, ids, pv, grid, n, repeats, threads):
+def bench_hf(path, ids, pv, grid, n, repeats, threads, dtype="float32"):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(threads)
     # transformers' default attention (SDPA), its fastest on the CPU; eager is only for bitwise parity tests.
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     model.generation_config.eos_token_id = None     # generate every token, as ours does with eos_token_id=()
     model.generation_config.pad_token_id = 0
-    t_ids, t_pv, t_grid = torch.tensor(ids, dtype=torch.long), torch.from_numpy(pv), torch.tensor(grid)
+    t_ids, t_pv, t_grid = torch.tensor(ids, dtype=torch.long), torch.from_numpy(pv).to(torch_dtype), torch.tensor(grid)
 
     def gen(k):
         with torch.no_grad():
@@ -110,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     args = ap.parse_args()
 
@@ -125,8 +129,8 @@ def main():
         n_params = sum(p.numel() for p in ref.parameters())
         ref.save_pretrained(path)
         del ref
-        r, r_tok = bench_hf(path, ids, pv, grid, args.new_tokens, args.repeats, args.threads)
-        o, o_tok = bench_ours(path, ids, pv, grid, args.new_tokens, args.repeats)
+        r, r_tok = bench_hf(path, ids, pv, grid, args.new_tokens, args.repeats, args.threads, args.dtype)
+        o, o_tok = bench_ours(path, ids, pv, grid, args.new_tokens, args.repeats, args.dtype)
     same = int(np.argmin(np.append(o_tok == r_tok, False)))   # length of the common greedy prefix
     fig = {
         "decode_speedup": o["decode_tokens_per_s"] / r["decode_tokens_per_s"],
@@ -134,7 +138,7 @@ def main():
         **{f"ours_{k}": v for k, v in o.items()}, **{f"hf_{k}": v for k, v in r.items()},
         "greedy_tokens_equal": f"{same}/{args.new_tokens}",
         "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens, "params": n_params,
-        "dtype": "float32", "backend": jax.default_backend(), "torch_threads": args.threads,
+        "dtype": args.dtype, "backend": jax.default_backend(), "torch_threads": args.threads,
         "hf_attention": "sdpa",
     }
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in fig.items()}))
