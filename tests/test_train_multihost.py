@@ -52,7 +52,9 @@ def test_two_hosts_train_checkpoint_resume_and_export(tmp_path):
     data_dir = workdir / "checkpoints" / "2" / "data"
     hosts = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert [h["layout"]["rows"] for h in hosts] == [[0, 2], [2, 4]]   # each host its own rows and state
-    assert hosts[0]["state"] != hosts[1]["state"]
+    # A state counts positions in the host's own shard, so two hosts may hold equal ones; what matters is that
+    # each saved its own and read examples (the resume below restores both without a warning).
+    assert all(h["state"]["batches"] == 2 and h["state"]["examples"] > 0 for h in hosts)
 
     outs, summaries = _run(workdir, _free_port(), cache, steps=3)
     assert "resumed from" in outs[0] and "warning" not in outs[0]   # process 0 logs for both
