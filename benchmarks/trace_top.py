@@ -47,18 +47,14 @@ def main():
     device = [p for p, n in procs.items() if "/device:" in n]
     keep = set(device) if device else set(procs)
     threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in keep}
+    # Device: the "XLA Ops" line when there is one (each op once), else the streams. CPU: the XLA threads.
+    wanted = ("XLA Ops",) if any("XLA Ops" in t for t in threads.values()) else ("Stream",) if device else ("XLA",)
+    lines = {key for key, name in threads.items() if any(w in name for w in wanted)}
     totals, count = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or e["pid"] not in keep:
+        if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in lines:
             continue
-        thread = threads.get((e["pid"], e.get("tid")), "")
-        if not device and "XLA" not in thread:     # CPU: the XLA compute threads only
-            continue
-        if device and ("XLA Ops" not in thread and "Stream" not in thread):
-            continue
-        if device and "XLA Ops" not in thread and any("XLA Ops" in t for t in threads.values()):
-            continue                                  # count ops once: the op line when there is one
         totals[group(e["name"])] += e.get("dur", 0) / 1e6
         count[group(e["name"])] += 1
     busy = sum(totals.values())

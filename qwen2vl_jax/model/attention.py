@@ -73,9 +73,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
                                 interpret=impl == "splash_interpret")
     if impl == "cudnn":
-        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-        return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
+        return cudnn_masked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     if impl == "cudnn_packed":
         return cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, cudnn, cudnn_packed or auto")
@@ -111,6 +109,13 @@ def segment_runs(segment_ids, max_runs: int):
     return lengths, offsets, starts.sum(-1).max()
 
 
+def cudnn_masked_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale):
+    """cuDNN flash attention with the dense (B, 1, Lq, Lk) segment mask; padding rows give zeros."""
+    mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
+
+
 def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, max_runs=64):
     """cuDNN flash attention over packed rows (NVIDIA GPUs; q, k, v in bf16 or f16). Rows hold up to
     `max_runs` segments in cuDNN's packed layout (Hopper and later); a row with
@@ -120,9 +125,7 @@ def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, sc
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     if not fa.check_compute_capability("9.0"):   # cuDNN's packed layout needs Hopper or later
-        mask = make_mask(q_segment_ids, kv_segment_ids, causal)[:, :, 0]          # (B, 1, Lq, Lk)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-        return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
+        return cudnn_masked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     # cuDNN saves softmax statistics of (B * max_runs, heads, Lq) for the backward pass: keep the bound small.
     q_valid, kv_valid = (q_segment_ids != 0)[..., None, None], (kv_segment_ids != 0)[..., None, None]
     q, k, v = jnp.where(q_valid, q, 0), jnp.where(kv_valid, k, 0), jnp.where(kv_valid, v, 0)
