@@ -8,7 +8,11 @@ Every attention in the model goes through `attention`:
 Backends (`impl`):
 - "xla": masked dense reference path; the softmax runs in f32 as in the reference's eager path.
 - "blockwise": segment-aware flash-style path (blockwise.py), cost ~ sum(n_i^2) over packed examples.
-- "splash": Pallas splash attention with segment ids (TPU; `splash_interpret` runs it on CPU for tests).
+- "splash": jax's Pallas splash kernel (TPU) driven by block sparsity computed on the device from the
+  segment ids (splash.py): forward, dQ and dK/dV visit only the blocks whose segments can meet, so a packed
+  row costs about sum(n_i^2) plus one block row per block. `splash_interpret` runs it on CPU for tests.
+- "pallas_gpu": a Pallas Triton flash kernel (pallas_gpu.py) with the same per-block ranges in the forward
+  and in both backward scans. `pallas_gpu_interpret` runs it on CPU for tests.
 - "cudnn": cuDNN flash attention (NVIDIA GPUs, bf16/f16) with the dense segment mask.
 - "cudnn_packed" (experimental): cuDNN in its packed layout, each row's segments passed as (offset, length)
   runs so the kernel skips what cannot meet. Measured on an H200 (benchmarks/attention.py --full): the forward
@@ -17,13 +21,14 @@ Backends (`impl`):
   `print_saved_residuals`: cuDNN keeps softmax statistics of (runs bound, heads, L) per layer, 1 GB per ViT
   layer at the bound then used (L // 16 = 1024 runs). The bound is now 64; not re-measured on a GPU, so
   not used by "auto".
-- "auto": splash on TPU; on GPUs cuDNN for bf16/f16 and xla for f32; elsewhere blockwise for long sequences
-  and xla for short ones; xla for decoding everywhere.
+- "auto": splash on TPU (the only TPU kernel); on GPUs cuDNN for bf16/f16 (measured 2.35x / 3.75x faster
+  than xla on an H200, docs/gpu.md) and xla for f32; elsewhere blockwise for long sequences and xla for short
+  ones (measured on CPU); xla for decoding everywhere. `pallas_gpu` computes about 4% of the ViT's and 9% of
+  the LLM's block pairs where cuDNN computes all of them, but it has not run on a GPU yet, so `auto` does not
+  pick it until it is measured there.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +51,12 @@ def make_mask(q_segment_ids, kv_segment_ids, causal: bool, q_index=None, kv_inde
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: float,
-              q_index=None, kv_index=None, impl: str = "xla"):
+              q_index=None, kv_index=None, impl: str = "xla", max_segment_len: int | None = None):
     """q (B, Lq, H, Dh); k, v (B, Lk, Hkv, Dh) with H a multiple of Hkv (GQA). Returns (B, Lq, H, Dh).
 
     q_index / kv_index: (B, Lq) / (B, Lk) slot numbers for the causal test (cached decoding); default 0..L-1.
+    max_segment_len: what the data guarantees about the longest segment; narrows the splash grid (a batch
+    that breaks it still gets the right answer, from the full-width grid).
     """
     cached = q_index is not None or kv_index is not None
     if impl == "auto":
@@ -70,13 +77,19 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     if impl in ("splash", "splash_interpret"):
+        from qwen2vl_jax.model.splash import splash_attention
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
-                                interpret=impl == "splash_interpret")
+                                interpret=impl == "splash_interpret", max_segment_len=max_segment_len)
+    if impl in ("pallas_gpu", "pallas_gpu_interpret"):
+        from qwen2vl_jax.model.pallas_gpu import pallas_gpu_attention
+        return pallas_gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
+                                    interpret=impl == "pallas_gpu_interpret")
     if impl == "cudnn":
         return cudnn_masked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     if impl == "cudnn_packed":
         return cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
-    raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, cudnn, cudnn_packed or auto")
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, pallas_gpu, cudnn, "
+                     "cudnn_packed or auto (splash_interpret / pallas_gpu_interpret run the kernels on CPU)")
 
 
 def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, q_index=None, kv_index=None):
@@ -142,50 +155,3 @@ def cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, sc
 
     out = jax.lax.cond(jnp.maximum(q_runs, kv_runs) > max_runs, many_runs, packed, q, k, v)
     return jnp.where(q_valid, out, 0)
-
-
-def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, interpret=False, block=512):
-    """Pallas splash attention, one MQA kernel per kv head (GQA groups share their key/value head).
-
-    Sequence lengths are padded to the block size with segment 0; padded keys never meet real queries.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    g = h // hkv
-    bs = min(block, _round_up(max(lq, lk), 128))
-    lq_p, lk_p = _round_up(lq, bs), _round_up(lk, bs)
-    mask = sm.CausalMask((lq_p, lk_p)) if causal else sm.FullMask((lq_p, lk_p))
-    kernel = sk.make_splash_mqa_single_device(
-        sm.MultiHeadMask([mask] * g), block_sizes=sk.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs,
-                                                                 block_q_dkv=bs, block_kv_dkv=bs,
-                                                                 block_kv_dkv_compute=bs, block_q_dq=bs,
-                                                                 block_kv_dq=bs),
-        interpret=interpret)
-    pad = functools.partial(_pad_len, axis=1)
-    qg = pad(q * jnp.asarray(scale, q.dtype), lq_p).reshape(b, lq_p, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    kk = pad(k, lk_p).transpose(0, 2, 1, 3)                                          # (B, Hkv, Lk, D)
-    vv = pad(v, lk_p).transpose(0, 2, 1, 3)
-    qs, ks = pad(q_segment_ids, lq_p).astype(jnp.int32), pad(kv_segment_ids, lk_p).astype(jnp.int32)
-
-    def one(qh, kh, vh, qsr, ksr):   # (G, L, D), (L, D), (L, D)
-        return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qsr, kv=ksr))
-
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))                         # over kv heads
-    out = jax.vmap(per_head)(qg, kk, vv, qs, ks)                                     # (B, Hkv, G, Lq, D)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq_p, h, d)[:, :lq]
-
-
-def _pad_len(x, n, axis):
-    extra = n - x.shape[axis]
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
-
-
-def _round_up(n, m):
-    return -(-n // m) * m

@@ -76,7 +76,7 @@ class RunConfig:
     trainable: list[str] | None = None     # parts to train (vit, merger, llm); default: the stage's
     dtype: str = "bfloat16"                # compute dtype; params and optimizer state stay float32
     remat: str = "none"                    # none | full | dots | dots_no_batch
-    attn_impl: str = "auto"                # xla | blockwise | splash | cudnn | cudnn_packed | auto
+    attn_impl: str = "auto"                # xla | blockwise | splash | pallas_gpu | cudnn | cudnn_packed | auto
     grad_accum: int = 1                    # micro-batches per optimizer step
     z_loss: float = 0.0                    # weight of logsumexp(logits)^2 per target token
     loss_chunk: int = 0                    # text positions per logits chunk (0 = whole rows at once)
