@@ -66,16 +66,18 @@ def test_blockwise_bf16_close_to_f32():
     assert np.abs(np.asarray(low, np.float32) - np.asarray(ref)).max() < 3e-2
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_splash_kernel_matches_dense(causal):
-    """The TPU splash kernel, run through the Pallas interpreter on CPU, with GQA and packed segments."""
+@pytest.mark.parametrize("impl,causal", [("splash_interpret", False), ("pallas_gpu_interpret", True)])
+def test_pallas_kernels_match_dense(impl, causal):
+    """The TPU and GPU kernels, run through the Pallas interpreter on CPU, with GQA and packed segments
+    (values and gradients at more layouts in test_attention_kernels.py)."""
     b, l, h, hkv, d = 1, 200, 4, 2, 16
     seg = _packed_segments(b, l, [[37, 80, 50]])
     q, k, v = _qkv(b, l, h, hkv, d, seed=1)
     ref = attention(q, k, v, seg, seg, causal=causal, scale=d ** -0.5)
-    out = attention(q, k, v, seg, seg, causal=causal, scale=d ** -0.5, impl="splash_interpret")
+    out = attention(q, k, v, seg, seg, causal=causal, scale=d ** -0.5, impl=impl)
     valid = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-6, rtol=0)
+    assert not np.asarray(out)[~valid].any()
 
 
 def test_auto_uses_dense_for_decoding_and_refuses_slots_elsewhere():
