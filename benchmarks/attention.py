@@ -4,13 +4,19 @@ Two cases, each one packed row:
 - `vit`: non-causal, P patches holding many images of 56x56 to 448x448 (16 heads, head dim 80: the 675M ViT);
 - `llm`: causal, L tokens holding examples of 64 to 2048 tokens (12 query / 2 key-value heads, head dim 128:
   the 2B LLM).
-Every backend that runs on the platform (xla, blockwise; cudnn on NVIDIA GPUs; splash on TPU) is timed on
-value_and_grad of sum(out * cotangent) with respect to q, k and v, and compared with the xla path: the
-largest absolute difference of the output and of each gradient, over the non-padding rows, relative to the
-largest absolute value of the xla result.
+Every backend that runs on the platform (xla, blockwise; cudnn, cudnn_packed and pallas_gpu on NVIDIA GPUs;
+splash on TPU) is timed on value_and_grad of sum(out * cotangent) with respect to q, k and v, and compared
+with the xla path: the largest absolute difference of the output and of each gradient, over the non-padding
+rows, relative to the largest absolute value of the xla result.
+
+For each case it also reports, next to the fraction of real (query, key) pairs, the fraction of (query block,
+key block) pairs each block-sparse kernel computes, of those a dense flash kernel computes (all; causal: on or
+below the diagonal): splash at its block size, pallas_gpu in its forward, dK/dV and dQ loops; and the splash
+grid width that the longest segment the case admits allows, as a fraction of the full width.
 
     python benchmarks/attention.py                 # CPU: reduced lengths (P=4096, L=2048), float32
     python benchmarks/attention.py --full          # accelerator: P=16384, L=8192, bfloat16
+    python benchmarks/attention.py --full --impls  # block fractions at the full shapes only, no timing
 
 Prints one JSON line, speedups over xla first.
 """
@@ -19,13 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2vl_jax.model import segment_blocks as sb
 from qwen2vl_jax.model.attention import attention
+
+SPLASH_BLOCK = 512                     # splash.splash_attention's default
+GPU_BLOCKS = (128, 128, 64, 64, 64, 64)   # pallas_gpu.pallas_gpu_attention's default
+LONGEST = {"vit": 32 * 32, "llm": 2048}   # the largest segment each case's generator admits
 
 
 def packed_segments(length: int, sizes_fn, rng) -> tuple[np.ndarray, list[int]]:
@@ -66,6 +78,24 @@ def case(name, length, heads, kv_heads, head_dim, dtype, rng):
                 sizes=sizes, pair_fraction=pairs / (length * (length + 1) / 2 if causal else length ** 2))
 
 
+def block_fractions(name, seg, causal):
+    """Fractions of block pairs computed by the block-sparse kernels (see the module docstring)."""
+    length, out = seg.shape[1], {}
+    pad = lambda x, m: jnp.pad(x, ((0, 0), (0, -x.shape[1] % m)))
+    for block in (SPLASH_BLOCK // 4, SPLASH_BLOCK // 2, SPLASH_BLOCK):   # the default and two to tune towards
+        s = pad(seg, block)
+        nb = s.shape[1] // block
+        width = sb.range_bound(min(LONGEST[name], length // 2), block, block, nb, causal)
+        out[f"{name}_splash{block}_block_fraction"] = sb.computed_fraction(s, block, block, causal, min_one=True)
+        out[f"{name}_splash{block}_grid_width_fraction"] = width / nb
+    g = pad(seg, max(GPU_BLOCKS))
+    bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq = GPU_BLOCKS
+    out[f"{name}_pallas_gpu_fwd_block_fraction"] = sb.computed_fraction(g, bq, bk, causal)
+    out[f"{name}_pallas_gpu_dkv_block_fraction"] = sb.computed_fraction(g, bk_dkv, bq_dkv, causal, keys=True)
+    out[f"{name}_pallas_gpu_dq_block_fraction"] = sb.computed_fraction(g, bq_dq, bk_dq, causal)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def timed(fn, args, repeats):
     out = jax.block_until_ready(fn(*args))   # compile + first run
     times = []
@@ -93,20 +123,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="P=16384, L=8192 in bfloat16 (accelerators)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--impls", nargs="*", default=None, help="default: every backend of the platform")
+    ap.add_argument("--impls", nargs="*", default=None,
+                    help="default: every backend of the platform; none: block fractions only")
     ap.add_argument("--lengths", type=int, nargs=2, default=None, metavar=("P", "L"), help="override both lengths")
     args = ap.parse_args()
     platform = jax.default_backend()
     dtype = jnp.bfloat16 if args.full else jnp.float32
-    impls = args.impls or (["xla", "blockwise"] + {"gpu": ["cudnn", "cudnn_packed"], "tpu": ["splash"]}.get(platform, []))
+    impls = args.impls if args.impls is not None else (
+        ["xla", "blockwise"] + {"gpu": ["cudnn", "cudnn_packed", "pallas_gpu"], "tpu": ["splash"]}.get(platform, []))
     lengths = dict(zip(("vit", "llm"), args.lengths or ((16384, 8192) if args.full else (4096, 2048))))
     shapes = {"vit": (16, 16, 80), "llm": (12, 2, 128)}
     rng = np.random.default_rng(0)
-    fig, info = {}, {"platform": platform, "device": jax.devices()[0].device_kind, "dtype": jnp.dtype(dtype).name}
+    fig, info = {}, {"platform": platform, "device": jax.devices()[0].device_kind, "dtype": jnp.dtype(dtype).name,
+                     "cpu_avx512": "avx512f" in open("/proc/cpuinfo").read(), "loadavg": os.getloadavg()}
     for name in ("vit", "llm"):
         c = case(name, lengths[name], *shapes[name], dtype, rng)
         info[f"{name}_length"], info[f"{name}_examples"] = lengths[name], len(c["sizes"])
         info[f"{name}_pair_fraction"] = round(c["pair_fraction"], 4)
+        info.update(block_fractions(name, c["seg"], c["causal"]))
         valid = np.asarray(c["seg"][0] != 0)
         ref = None
         for impl in impls:
