@@ -110,17 +110,19 @@ def test_segment_runs_describe_the_segment_mask():
 _GPU = jax.default_backend() == "gpu"
 
 
-@pytest.mark.skipif(not _GPU, reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.skipif(not _GPU, reason="cuDNN and Triton attention need an NVIDIA GPU")
 @pytest.mark.parametrize("impl,causal,h,hkv,d,sizes", [
     ("cudnn", False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
     ("cudnn", True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
     ("cudnn_packed", False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
     ("cudnn_packed", True, 12, 2, 128, [[37, 80, 16, 150], [200, 64]]),
     ("cudnn_packed", True, 12, 2, 128, [[3] * 100, [200, 64]]),    # 100 runs > the bound of 64: blockwise
+    ("pallas_gpu", False, 16, 16, 80, [[37, 80, 16, 150], [200, 64]]),
+    ("pallas_gpu", True, 12, 2, 128, [[3] * 100, [200, 64]]),
 ])
 def test_cudnn_matches_dense(impl, causal, h, hkv, d, sizes):
-    """cuDNN flash attention over packed segments, bf16 (its input type), values and gradients, against the
-    dense path on the same bf16 inputs computed in f32."""
+    """cuDNN flash attention and the Triton kernel over packed segments, bf16, values and gradients, against
+    the dense path on the same bf16 inputs computed in f32."""
     b, l = 2, 384
     seg = _packed_segments(b, l, sizes)
     q, k, v = _qkv(b, l, h, hkv, d, seed=5, dtype=jnp.bfloat16)
