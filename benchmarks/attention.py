@@ -11,8 +11,9 @@ rows, relative to the largest absolute value of the xla result.
 
 For each case it also reports, next to the fraction of real (query, key) pairs, the fraction of (query block,
 key block) pairs each block-sparse kernel computes, of those a dense flash kernel computes (all; causal: on or
-below the diagonal): splash at its block size, pallas_gpu in its forward, dK/dV and dQ loops; and the splash
-grid width that the longest segment the case admits allows, as a fraction of the full width.
+below the diagonal): splash at its block size, pallas_gpu in its forward, dK/dV and dQ loops; and the grid
+width splash picks for the row, as a fraction of the full width, from its default widths and with the bound
+that the longest segment the case admits gives (`max_segment_len`).
 
     python benchmarks/attention.py                 # CPU: reduced lengths (P=4096, L=2048), float32
     python benchmarks/attention.py --full          # accelerator: P=16384, L=8192, bfloat16
@@ -34,6 +35,7 @@ import numpy as np
 
 from qwen2vl_jax.model import segment_blocks as sb
 from qwen2vl_jax.model.attention import attention
+from qwen2vl_jax.model.splash import grid_widths
 
 SPLASH_BLOCK = 512                     # splash.splash_attention's default
 GPU_BLOCKS = (128, 128, 64, 64, 64, 64)   # pallas_gpu.pallas_gpu_attention's default
@@ -85,9 +87,13 @@ def block_fractions(name, seg, causal):
     for block in (SPLASH_BLOCK // 4, SPLASH_BLOCK // 2, SPLASH_BLOCK):   # the default and two to tune towards
         s = pad(seg, block)
         nb = s.shape[1] // block
-        width = sb.range_bound(min(LONGEST[name], length // 2), block, block, nb, causal)
+        bound = sb.range_bound(min(LONGEST[name], length // 2), block, block, nb, causal)
+        (qf, ql), (kf, kl) = sb.reach(s, s, causal)
+        need = max(int(jnp.subtract(*sb.block_ranges(qf, ql, block, block)[::-1]).max()),
+                   int(jnp.subtract(*sb.block_ranges(kf, kl, block, block)[::-1]).max()))
         out[f"{name}_splash{block}_block_fraction"] = sb.computed_fraction(s, block, block, causal, min_one=True)
-        out[f"{name}_splash{block}_grid_width_fraction"] = width / nb
+        for tag, widths in (("", grid_widths(nb)), ("_with_bound", grid_widths(nb, bound))):
+            out[f"{name}_splash{block}_grid_width_fraction{tag}"] = min(w for w in widths if w >= need) / nb
     g = pad(seg, max(GPU_BLOCKS))
     bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq = GPU_BLOCKS
     out[f"{name}_pallas_gpu_fwd_block_fraction"] = sb.computed_fraction(g, bq, bk, causal)

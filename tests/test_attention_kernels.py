@@ -12,7 +12,7 @@ import pytest
 from qwen2vl_jax.model import segment_blocks as sb
 from qwen2vl_jax.model.attention import dense_attention, make_mask
 from qwen2vl_jax.model.pallas_gpu import pallas_gpu_attention
-from qwen2vl_jax.model.splash import splash_attention, splash_rows
+from qwen2vl_jax.model.splash import grid_widths, splash_attention, splash_rows
 
 # Small blocks so that short rows still span several blocks: splash's blocks are multiples of 128 lanes,
 # the Triton kernel's forward and backward blocks differ on purpose.
@@ -205,6 +205,24 @@ def test_splash_grid_width_guard():
                                           block=128, max_segment_len=64)
     for name, a, r in zip(("out", "dq", "dk", "dv"), _out_and_grads(fn, q, k, v, cot), want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=0, err_msg=name)
+
+
+def test_grid_widths():
+    assert grid_widths(4) == [4]
+    assert grid_widths(32) == [2, 8, 32]
+    assert grid_widths(32, bound=6) == [2, 6, 8, 32]
+    assert grid_widths(16, bound=16) == [4, 16]
+
+
+@pytest.mark.slow
+def test_splash_narrow_default_grid():
+    """Without a segment bound, a batch of short segments runs on a grid a quarter of the full width."""
+    seg = _segments(1024, [[100, 28, 60, 68, 90, 166, 128, 100, 1, 99]])
+    (qf, ql), (kf, kl) = sb.reach(jnp.asarray(seg), jnp.asarray(seg), False)
+    lo, hi = sb.block_ranges(qf, ql, 128, 128)
+    klo, khi = sb.block_ranges(kf, kl, 128, 128)
+    assert max(int((hi - lo).max()), int((khi - klo).max())) <= 2 == grid_widths(8)[0]
+    _assert_matches_dense("splash", seg, False, 2, 1)
 
 
 # ---- lowering for the real accelerators, at the model's sizes ----

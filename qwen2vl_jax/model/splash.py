@@ -8,10 +8,13 @@ repeat the last block index, so they neither compute nor fetch anything. The dK/
 layout (W, key blocks) of query-block ranges. Segment ids still mask inside blocks, and the causal mask comes
 from the kernel's mask function, so block ranges only decide what is skipped, never what is computed.
 
-The grid width W is static. It is the number of key blocks (always enough) unless the caller bounds the
-segment length (`max_segment_len`); then W is derived from that bound, and a batch where any row needs more
-(a longer segment, a row whose ids are not one run each) runs the kernel at the full width instead: slower,
-never wrong.
+The grid width W is static, and a W smaller than some block's range silently drops blocks. So the kernel is
+compiled for a few widths: the number of key blocks (always enough), quarters of it, and, when the caller
+knows the longest segment (`max_segment_len`: from the bucket, `image_max_pixels`, ...), the width that
+bound implies. At run time the batch's widest range picks the narrowest width that holds it (`lax.switch`;
+only the branch taken runs, and the branches share their residual buffers). A batch breaking the expected
+bound (a longer segment, ids that are not one run each) takes a wider grid: slower, never wrong. Skipped
+grid steps fetch and compute nothing but still cost a step each, which is why W matters on a TPU.
 """
 
 from __future__ import annotations
@@ -74,15 +77,26 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, i
     qh = (_pad(q * jnp.asarray(scale, q.dtype), n)).transpose(0, 2, 1, 3)   # (B, H, L, D)
     kh, vh = (_pad(x, n).transpose(0, 2, 1, 3) for x in (k, v))                # (B, Hkv, L, D)
     run = functools.partial(splash_rows, qh, kh, vh, qs, ks, causal=causal, block=bs, interpret=interpret)
-    width = nb if max_segment_len is None else range_bound(max_segment_len, bs, bs, nb, causal)
-    if width == nb:
+    widths = grid_widths(nb, None if max_segment_len is None else range_bound(max_segment_len, bs, bs, nb, causal))
+    if len(widths) == 1:
         out = run(lo, hi, klo, khi, width=nb)
-    else:   # a grid narrower than some range would silently drop blocks: check, and fall back to full width
-        fits = ((hi - lo).max() <= width) & ((khi - klo).max() <= width)
-        out = jax.lax.cond(fits, functools.partial(run, width=width), functools.partial(run, width=nb),
-                           lo, hi, klo, khi)
+    else:
+        need = jnp.maximum((hi - lo).max(), (khi - klo).max())
+        pick = (need > jnp.asarray(widths[:-1])).sum()   # the narrowest width >= need; the last is nb
+        out = jax.lax.switch(pick, [functools.partial(run, width=w) for w in widths], lo, hi, klo, khi)
     out = out.transpose(0, 2, 1, 3)[:, :lq]
     return jnp.where((q_segment_ids != 0)[..., None, None], out, 0)
+
+
+def grid_widths(n_blocks: int, bound: int | None = None) -> list[int]:
+    """The static grid widths compiled, ascending: every 4x step down from the full width (to 2), and `bound`."""
+    widths, w = {n_blocks}, n_blocks // 4
+    while w >= 2:
+        widths.add(w)
+        w //= 4
+    if bound is not None:
+        widths.add(bound)
+    return sorted(widths)
 
 
 def splash_rows(qh, kh, vh, qs, ks, lo, hi, klo, khi, *, width, causal, block, interpret):
