@@ -233,8 +233,8 @@ def test_kernels_lower_for_their_accelerator(kernel, platform, marker):
     """Forward and backward lower through Mosaic (TPU) / Triton (GPU) at the ViT's 16384-patch row, and no
     array of L x L or (blocks, block, block) elements appears in the program."""
     l, h, d = 16384, 16, 80
-    seg = jnp.zeros((1, l), jnp.int32)
-    q = jax.ShapeDtypeStruct((1, l, h, d), jnp.bfloat16)
+    seg = jnp.zeros((2, l), jnp.int32)                      # two rows: per-row block ranges under vmap
+    q = jax.ShapeDtypeStruct((2, l, h, d), jnp.bfloat16)
     impl = {"splash": splash_attention, "pallas_gpu": pallas_gpu_attention}[kernel]
     loss = lambda q, k, v, seg: impl(q, k, v, seg, seg, causal=False, scale=0.1).astype(jnp.float32).sum()
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
