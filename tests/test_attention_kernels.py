@@ -100,12 +100,14 @@ def test_block_ranges_are_exact(causal):
         np.testing.assert_array_equal(lo[real], blo[real])
         np.testing.assert_array_equal(hi[real], bhi[real])
         assert (hi[~real] == lo[~real]).all()                  # padding-only query blocks visit nothing
+        assert (lo >= 0).all() and (lo < 256 // bk).all()       # ... and still name a block that exists
         klo, khi = map(np.asarray, sb.block_ranges(kf, kl, bk, bq))
         tb = blocks.transpose(0, 2, 1)                          # key-major: the dK/dV pass
         kreal = tb.any(-1)
         np.testing.assert_array_equal(klo[kreal], tb.argmax(-1)[kreal])
         np.testing.assert_array_equal(khi[kreal], (tb.shape[-1] - tb[..., ::-1].argmax(-1))[kreal])
         assert (khi[~kreal] == klo[~kreal]).all()
+        assert (klo >= 0).all() and (klo < 256 // bq).all()
     assert np.asarray(sb.layout_ok(jnp.asarray(seg), jnp.asarray(seg))).all()
 
 
@@ -204,6 +206,23 @@ def test_splash_grid_width_guard():
     fn = lambda q, k, v: splash_attention(q, k, v, seg, seg, causal=causal, scale=scale, interpret=True,
                                           block=128, max_segment_len=64)
     for name, a, r in zip(("out", "dq", "dk", "dv"), _out_and_grads(fn, q, k, v, cot), want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.slow
+def test_splash_in_the_tpu_interpreter():
+    """The TPU interpreter (pltpu.InterpretParams) checks every block index the kernel fetches, so a range
+    naming a block past the end (as empty ranges once did) fails here where the plain interpreter clamps:
+    two rows with padding, causal, GQA, on the narrow grid of a segment bound."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    seg = jnp.asarray(_segments(512, [[100, 230, 70], [200]]))
+    q, k, v, cot = _qkv(2, 512, 4, 2, 32, seed=6)
+    fn = lambda q, k, v: splash_attention(q, k, v, seg, seg, causal=True, scale=0.2, block=128,
+                                          interpret=pltpu.InterpretParams(), max_segment_len=230)
+    got = _out_and_grads(fn, q, k, v, cot)
+    want = _out_and_grads(_dense(seg, True, 0.2), q, k, v, cot)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=0, err_msg=name)
 
 

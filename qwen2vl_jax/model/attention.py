@@ -10,7 +10,7 @@ Backends (`impl`):
 - "blockwise": segment-aware flash-style path (blockwise.py), cost ~ sum(n_i^2) over packed examples.
 - "splash": jax's Pallas splash kernel (TPU) driven by block sparsity computed on the device from the
   segment ids (splash.py): forward, dQ and dK/dV visit only the blocks whose segments can meet, so a packed
-  row costs about sum(n_i^2) plus one block row per block. `splash_interpret` runs it on CPU for tests.
+  row costs about sum(n_i^2) (in blocks). `splash_interpret` runs it on CPU for tests.
 - "pallas_gpu": a Pallas Triton flash kernel (pallas_gpu.py) with the same per-block ranges in the forward
   and in both backward scans. `pallas_gpu_interpret` runs it on CPU for tests.
 - "cudnn": cuDNN flash attention (NVIDIA GPUs, bf16/f16) with the dense segment mask.
@@ -23,9 +23,9 @@ Backends (`impl`):
   not used by "auto".
 - "auto": splash on TPU (the only TPU kernel); on GPUs cuDNN for bf16/f16 (measured 2.35x / 3.75x faster
   than xla on an H200, docs/gpu.md) and xla for f32; elsewhere blockwise for long sequences and xla for short
-  ones (measured on CPU); xla for decoding everywhere. `pallas_gpu` computes about 4% of the ViT's and 9% of
-  the LLM's block pairs where cuDNN computes all of them, but it has not run on a GPU yet, so `auto` does not
-  pick it until it is measured there.
+  ones (measured on CPU); xla for decoding everywhere. At the H200 shapes `pallas_gpu` computes 4.4% (ViT)
+  and 13% (LLM, of the causal triangle) of the block pairs where cuDNN computes all of them, but it has not
+  run on a GPU yet, so `auto` does not pick it until it is measured there.
 """
 
 from __future__ import annotations

@@ -66,9 +66,10 @@ def reach(q_seg, kv_seg, causal: bool):
 
 def block_ranges(first, last, block: int, other_block: int):
     """Per block of `block` positions, the [lo, hi) range of `other_block`-sized blocks on the other side;
-    (B, L // block) int32 each, lo == hi for a block that meets nothing."""
+    (B, L // block) int32 each. A block that meets nothing gets lo == hi, a valid block index all the same
+    (kernels may still name it as the block not to fetch)."""
     b, n = first.shape
-    lo = first.reshape(b, n // block, block).min(-1) // other_block
+    lo = jnp.minimum(first.reshape(b, n // block, block).min(-1) // other_block, n // other_block - 1)
     hi = last.reshape(b, n // block, block).max(-1) // other_block + 1
     return lo, jnp.maximum(hi, lo)
 
