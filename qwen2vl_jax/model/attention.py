@@ -30,8 +30,13 @@ Backends (`impl`):
 
 from __future__ import annotations
 
+import functools
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from qwen2vl_jax.model.blockwise import blockwise_attention
 
@@ -78,18 +83,37 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
         return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     if impl in ("splash", "splash_interpret"):
         from qwen2vl_jax.model.splash import splash_attention
-        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
-                                interpret=impl == "splash_interpret", max_segment_len=max_segment_len)
+        kernel = functools.partial(splash_attention, causal=causal, scale=scale,
+                                   interpret=impl == "splash_interpret", max_segment_len=max_segment_len)
+        return per_batch_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
     if impl in ("pallas_gpu", "pallas_gpu_interpret"):
         from qwen2vl_jax.model.pallas_gpu import pallas_gpu_attention
-        return pallas_gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale,
-                                    interpret=impl == "pallas_gpu_interpret")
+        kernel = functools.partial(pallas_gpu_attention, causal=causal, scale=scale,
+                                   interpret=impl == "pallas_gpu_interpret")
+        return per_batch_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "cudnn":
         return cudnn_masked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     if impl == "cudnn_packed":
         return cudnn_packed_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=scale)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, blockwise, splash, pallas_gpu, cudnn, "
                      "cudnn_packed or auto (splash_interpret / pallas_gpu_interpret run the kernels on CPU)")
+
+
+def per_batch_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids):
+    """Run a Pallas kernel on each device's own rows. A Pallas kernel is a custom call the SPMD partitioner
+    cannot split, so under a mesh it would gather every row to every device; shard_map over the mesh axes
+    of the logical "batch" axis (the active `nn.logical_axis_rules`) hands each device its rows instead.
+    Other axes (heads, length) come whole to each device. No mesh, an unsharded batch, or rows that do not
+    split evenly: a plain call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = None if mesh.empty else nn.logical_to_mesh_axes(("batch",))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or q.shape[0] % math.prod(mesh.shape[a] for a in axes):   # rows that do not split: as before
+        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+    rows = PartitionSpec(axes)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(
+        q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, q_index=None, kv_index=None):
