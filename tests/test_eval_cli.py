@@ -103,7 +103,7 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
     ckpts.save(state, 7, None, cfg, {"note": "test"})
     ckpts.close()
     cli.run(["--checkpoint", str(workdir), *common])
-    orbax_preds = [json.loads(x) for x in open(workdir / "eval" / "7" / "predictions.jsonl")]
+    orbax_preds = [json.loads(x) for x in open(workdir / "eval" / "7" / "set" / "predictions.jsonl")]
     assert [p["prediction"] for p in orbax_preds] == own
 
 
