@@ -32,12 +32,19 @@ def test_sizes_equal_the_encoded_examples(user_set):
     recs.append({"messages": [{"role": "user", "content": [
         {"type": "image", "image": "images/scan.png", "resized_height": 100, "resized_width": 300},
         {"type": "text", "text": "Colour?"}]}, {"role": "assistant", "content": "red"}]})
+    frames = [f"images/{name}" for name, *_ in user_data.PICTURES[4:]] * 3     # 12 frames, 800x200 first
+    for video in ({"video": frames[:5]}, {"video": frames[:7], "nframes": 4},            # odd; sampled
+                  {"video": frames[:9], "fps": 1.0, "video_fps": 4.0, "max_pixels": 20000},
+                  {"video": frames, "total_pixels": 100_000},
+                  {"video": frames[:2], "resized_height": 60, "resized_width": 90}):
+        recs.append({"messages": [{"role": "user", "content": [{"type": "video", **video}, {"type": "text",
+                     "text": "Which way?"}]}, {"role": "assistant", "content": "left"}]})
     path = user_data.write_jsonl(root / "all.jsonl", recs)
     cfg = C.tiny()
     proc = Processor.from_config(cfg, image_max_pixels=1_000_000)
     records = read_records(path)
     report = check_records(records, proc, threads=3)
-    assert report.problems == [] and report.checked == report.total == 18 and not report.sampled
+    assert report.problems == [] and report.checked == report.total == 23 and not report.sampled
     exact = [prepare_example(proc.encode_record(r), cfg) for r in records]
     assert report.sizes.tolist() == [[e.n_text, e.n_patches] for e in exact]
     assert report.sizes[:, 1].max() == 3600 and report.sizes[:, 1].min() == 0   # 1000x700; text only
@@ -62,7 +69,7 @@ def test_every_bad_kind_is_named_with_its_line(user_set, tmp_path):
     found = {src.rpartition(":")[2]: reason for src, reason in report.problems}
     assert all(src.startswith(path + ":") for src, _ in report.problems)
     assert set(found) == {"1", "2", "3", "4", "5", "6", "7", "8"}
-    assert "fit none of the buckets" in found["1"] and "data.buckets: auto" in found["1"]   # the 1000x700 one
+    assert "fit none of the buckets" in found["1"] and "data.buckets to auto" in found["1"]   # the 1000x700 one
     assert "not valid JSON" in found["2"]
     assert "image file not found" in found["3"] and "missing.png" in found["3"]
     assert "not an image" in found["4"]

@@ -7,8 +7,8 @@ the chat template renders, and every image opens: Pillow reads the header (forma
 walks the chunks checking their CRCs, without decompressing the pixels. From the header size and the
 processor's pixel budget it computes the example's size (text tokens, vision pads included; ViT patches)
 exactly as the processor would, so the run can size its buckets from the data (`data.buckets: auto`) and an
-example that fits no bucket is reported now. Videos are probed by decoding them (the only exact way to their
-frame count), so a video-heavy set checks slower.
+example that fits no bucket is reported now. Videos given as frames are checked the same way, frame by frame;
+a video file is decoded (the only exact way to its frame count), so a set of video files checks slower.
 
 What it cannot see is found when the pipeline reads the record and counts against the same skip budget: a
 JPEG cut short (its header is intact; Pillow notices only when decoding) or a record outside the sample.
@@ -32,6 +32,8 @@ from PIL import Image
 from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, describe, load_image, smart_resize
 from qwen2vl_jax.data.records import DataError, Record
+from qwen2vl_jax.data.video import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, _check_frames, frame_budget,
+                                    sample_frame_count)
 
 CHUNK = 64   # records per task of the thread pool: one tokenizer batch
 
@@ -116,7 +118,7 @@ class _Checker:
             if self.buckets and not any(n_text <= L and n_patches <= P for L, P in self.buckets):
                 problems.append((source, f"{n_text} text tokens (vision pads included) and {n_patches} vision "
                                  f"patches fit none of the buckets (text_len, patch_len) = "
-                                 f"{', '.join(map(str, self.buckets))}; set data.buckets: auto to size them from "
+                                 f"{', '.join(map(str, self.buckets))}; set data.buckets to auto to size them from "
                                  "the data, add a larger bucket, or lower data.image_max_pixels"))
                 continue
             sizes.append((n_text, n_patches))
@@ -159,16 +161,41 @@ class _Checker:
         return (h // patch) * (w // patch)
 
     def _video(self, item: dict) -> int:
-        if self.processor is None:
-            source = item["video"]
-            if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        """ViT patches of one video item: frames given as a list or an array from their headers and shapes
+        (the processor's sampling and pixel budget, computed); a video file by decoding it, the only way to
+        its frame count and frame size (PyAV)."""
+        source, p = item["video"], self.processor
+        if isinstance(source, (list, tuple)):
+            sizes = [image_size(frame) for frame in source]
+        elif isinstance(source, np.ndarray):
+            _check_frames(source)
+            sizes = [source.shape[1:3]] * len(source)
+        elif p is None:   # no sizes wanted: the file only has to be there
+            if isinstance(source, (str, os.PathLike)) and not storage.exists(source):
                 raise ValueError(f"video file not found: {os.fspath(source)}")
-            if isinstance(source, list):
-                for frame in source:
-                    image_size(frame)
             return 0
-        _, grids = self.processor._encode_items([{"role": "user", "content": [item]}], "video")
-        return int(grids.prod(-1).sum())
+        else:
+            _, grids = p._encode_items([{"role": "user", "content": [item]}], "video")
+            return int(grids.prod(-1).sum())
+        if not sizes:
+            raise ValueError("video has zero frames; give at least one frame")
+        if p is None:
+            return 0
+        n = len(sizes)
+        if item.get("fps") is not None or item.get("nframes") is not None:
+            n = sample_frame_count(n, item.get("video_fps"), item.get("fps"),
+                                   None if item.get("nframes") is None else int(item["nframes"]),
+                                   item.get("min_frames", FPS_MIN_FRAMES), item.get("max_frames", FPS_MAX_FRAMES))
+        factor = p.patch_size * p.merge_size
+        if "resized_height" in item and "resized_width" in item:
+            h, w = smart_resize(item["resized_height"], item["resized_width"], factor, IMAGE_MIN_PIXELS,
+                                IMAGE_MAX_PIXELS)
+        else:   # one size for all frames, from the first (always among the sampled ones)
+            lo = item.get("min_pixels", p.video_min_pixels)
+            hi = item.get("max_pixels", p.video_max_pixels)
+            total = item.get("total_pixels", p.video_total_pixels)
+            h, w = smart_resize(*sizes[0], factor, lo, frame_budget(n, lo, hi, total))
+        return -(-n // p.temporal_patch_size) * (h // p.patch_size) * (w // p.patch_size)
 
 
 def image_size(source: Any) -> tuple[int, int]:
