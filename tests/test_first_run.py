@@ -101,6 +101,18 @@ def test_train_stops_on_bad_data_before_the_model(kind, user_set, tmp_path, caps
     assert _snapshot(workdir) == before
 
 
+def test_train_lists_bad_records_within_the_budget_and_goes_on(user_set, tmp_path, capsys, no_model):
+    root, _, _ = user_set
+    data = _bad_file(root, "missing image")
+    config = tmp_path / "my.yaml"
+    config.write_text(f"model: tiny\nworkdir: {tmp_path / 'run'}\nsteps: 2\ndata:\n  train: {data}\n"
+                      "  skip_budget: 1\n")
+    with pytest.raises(AssertionError, match="the model was set up"):   # got past the check
+        _script("train").main(["--config", str(config), "progress=false"])
+    out = capsys.readouterr().out
+    assert f"will skip {data}:3: image 1: image file not found" in out and "data.buckets: auto -> " in out
+
+
 @pytest.fixture(scope="module")
 def orbax_run(tmp_path_factory):
     """A training workdir with one checkpoint of random tiny params (nothing compiled)."""

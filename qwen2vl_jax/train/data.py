@@ -71,19 +71,24 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
     report = check_records(records, proc, limit=cfg.data.check or AUTO_SAMPLE, seed=cfg.seed,
                            buckets=None if auto else cfg.data.buckets, truncate=cfg.data.truncate)
     log(report.describe())
-    if len(report.problems) > cfg.data.skip_budget:
-        (source, reason), more = report.problems[0], len(report.problems) - 1
-        also = f" (and {more} more bad record{'s' * (more > 1)})" if more else ""
-        raise DataError(f"{source}: {reason}{also}; fix or drop the record{'s' * bool(more)}, or let the run skip "
-                        f"up to N bad records with data.skip_budget=N (now {cfg.data.skip_budget})")
-    for source, reason in report.problems:
-        log(f"  will skip {source}: {reason}")
+    if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
+        _within_budget(report.problems, cfg.data.skip_budget, log)
     if not auto:
         return cfg
     buckets = auto_buckets(_global_sizes(report.sizes), sampled=report.sampled or jax.process_count() > 1)
     log(f"data.buckets: auto -> {json.dumps([list(b) for b in buckets])} (text tokens, vision patches) per row, "
         f"from {len(report.sizes):,} examples; to pin them: data.buckets='{json.dumps([list(b) for b in buckets])}'")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=[list(b) for b in buckets]))
+
+
+def _within_budget(problems: list, budget: int, log) -> None:
+    if len(problems) > budget:
+        (source, reason), more = problems[0], len(problems) - 1
+        also = f" (and {more} more bad record{'s' * (more > 1)})" if more else ""
+        raise DataError(f"{source}: {reason}{also}; fix or drop the record{'s' * bool(more)}, or let the run skip "
+                        f"up to N bad records with data.skip_budget=N (now {budget})")
+    for source, reason in problems:
+        log(f"  will skip {source}: {reason}")
 
 
 def auto_buckets(sizes: np.ndarray, sampled: bool) -> tuple:
