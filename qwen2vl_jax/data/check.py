@@ -31,6 +31,7 @@ from PIL import Image
 
 from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, describe, load_image, smart_resize
+from qwen2vl_jax.data.processor import _check_trainable
 from qwen2vl_jax.data.records import DataError, Record
 from qwen2vl_jax.data.video import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, _check_frames, frame_budget,
                                     sample_frame_count)
@@ -126,7 +127,6 @@ class _Checker:
 
     def _record(self, record: Record) -> tuple[str, tuple[list[int], list[int]]]:
         """The record's chat text and its vision items' (merged tokens, patches); ValueError when bad."""
-        from qwen2vl_jax.data.processor import _check_trainable
         messages = record.messages
         if self.require_assistant:
             _check_trainable(messages)
