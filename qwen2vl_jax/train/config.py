@@ -265,6 +265,12 @@ def validate(cfg: RunConfig) -> None:
     if isinstance(cfg.data.buckets, str) and cfg.data.buckets != "auto":
         problems.append(f"data.buckets must be auto or a list of [text_len, patch_len] pairs, got "
                         f"{cfg.data.buckets!r}")
+    elif not isinstance(cfg.data.buckets, str):
+        from qwen2vl_jax.data.packing import PackingError, parse_buckets
+        try:
+            parse_buckets(cfg.data.buckets)
+        except PackingError as e:
+            problems.append(f"data.buckets: {e}")
     if cfg.data.check < 0:
         problems.append(f"data.check must be >= 0 (0 = no check), got {cfg.data.check}")
     if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
