@@ -20,8 +20,6 @@ import json
 import os
 import sys
 
-import yaml
-
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 METRICS = ["exact_match", "vqa_accuracy", "anls", "relaxed_accuracy"]
 
@@ -37,7 +35,8 @@ class Mesh:
 class EvalConfig:
     checkpoint: str = ""            # HF dir or orbax workdir / step dir; empty = the demo run's latest checkpoint
     data: str = ""                  # JSONL; empty = the demo's held-out set
-    out: str = ""                   # output dir; empty = <workdir>/eval/<step> (orbax) or <checkpoint>/eval (HF)
+    out: str = ""                   # output dir; empty = <workdir>/eval/<step>/<data name> (orbax) or
+    #                                 <checkpoint>/eval/<data name> (HF)
     prompt_style: str = "plain"     # plain | lmms (appends "Answer the question using a single word or phrase.")
     metrics: list[str] = dataclasses.field(default_factory=lambda: list(METRICS))
     batch_size: int = 8             # prompts per generate call (the last batch is padded to it)
@@ -61,13 +60,16 @@ class EvalConfig:
 # -- configuration ---------------------------------------------------------------------------------------
 
 def load_config(path: str | None, overrides: list[str]) -> EvalConfig:
-    from qwen2vl_jax.train.config import RunConfigError, _build, _set_dotted, read_yaml
+    from qwen2vl_jax.train.config import (RunConfigError, _build, _set_dotted, _yaml_value, check_override,
+                                          read_yaml)
     raw = read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RunConfigError(f"override {item!r} is not key=value (e.g. batch_size=16 or prompt_style=lmms)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        value = _yaml_value(value, item)
+        check_override(EvalConfig, key.strip(), value, item)
+        _set_dotted(raw, key.strip(), value)
     cfg = _build(EvalConfig, raw, path or "defaults", "")
     if cfg.prompt_style not in ("plain", "lmms"):
         raise RunConfigError(f"prompt_style must be plain or lmms, got {cfg.prompt_style!r}")
@@ -124,33 +126,70 @@ def is_hf_dir(path: str) -> bool:
         f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
 
 
-def load_model(cfg: EvalConfig):
-    """(Qwen2VL, the HF dir or checkpoint step dir, default output dir, training RunConfig or None)."""
+def find_checkpoint(cfg: EvalConfig):
+    """(the HF dir or orbax step dir, where outputs go by default, the training RunConfig or None), from the
+    checkpoint's files alone: nothing is loaded yet."""
+    path = cfg.checkpoint
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
+                                "workdir (for the demo, run `python train.py` first)")
+    if is_hf_dir(path):
+        return path, os.path.join(path, "eval"), None
+    from qwen2vl_jax.train import checkpoint
+    step_dir = checkpoint.step_dir(path)
+    out = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "eval", os.path.basename(step_dir))
+    return step_dir, out, training_run(step_dir)
+
+
+def output_dir(base: str, data: str) -> str:
+    """`base/<name of the data file>`, so that each evaluation set of a checkpoint keeps its own results; a
+    different file of the same name gets a suffix from its path."""
+    import hashlib
+    name = os.path.splitext(os.path.basename(data))[0] or "data"
+    out = os.path.join(base, name)
+    try:
+        with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+            earlier = json.load(f).get("data")
+    except (OSError, ValueError, AttributeError):
+        return out
+    if earlier in (None, os.path.abspath(data)):
+        return out
+    return f"{out}-{hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:8]}"
+
+
+def load_model(cfg: EvalConfig, ckpt_dir: str):
+    """The Qwen2VL of an HF dir or orbax step dir, placed on a mesh when more than one device is visible."""
     import jax
     import qwen2vl_jax as qv
     from qwen2vl_jax import sharding
     mesh = None
     if jax.device_count() > 1:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    path = cfg.checkpoint
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
-                                "workdir (for the demo, run `python train.py` first)")
-    if is_hf_dir(path):
-        return qv.load_pretrained(path, dtype=cfg.dtype, mesh=mesh), path, os.path.join(path, "eval"), None
+    if is_hf_dir(ckpt_dir):
+        return qv.load_pretrained(ckpt_dir, dtype=cfg.dtype, mesh=mesh)
     from qwen2vl_jax.api import Qwen2VL, logical_specs
     from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
     from qwen2vl_jax.train import checkpoint
-    step_dir = checkpoint.step_dir(path)
-    config = checkpoint.read_model_config(step_dir)
+    config = checkpoint.read_model_config(ckpt_dir)
     shardings = None
     if mesh is not None:
         shardings = sharding.tree_shardings(logical_specs(Qwen2VLModule(config)), mesh)
-    config, params = checkpoint.restore_params(step_dir, shardings=shardings)
+    config, params = checkpoint.restore_params(ckpt_dir, shardings=shardings)
     dtype = jax.numpy.bfloat16 if cfg.dtype == "bfloat16" else jax.numpy.float32
     params = jax.tree.map(lambda x: x.astype(dtype), params)
-    out = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "eval", os.path.basename(step_dir))
-    return Qwen2VL(config, params, dtype=cfg.dtype), step_dir, out, training_run(step_dir)
+    return Qwen2VL(config, params, dtype=cfg.dtype)
+
+
+def check_examples(examples, on_error) -> list:
+    """The examples whose images and videos open (data/check.py: headers only, in parallel); each one that
+    does not goes to `on_error`, as unreadable records do, before any model is loaded."""
+    from qwen2vl_jax.data import DataError, Record
+    from qwen2vl_jax.data.check import check_records
+    report = check_records([Record(ex.prompt, ex.source) for ex in examples], require_assistant=False)
+    bad = dict(report.problems)
+    for source, reason in report.problems:
+        on_error(DataError(f"{source}: {reason}"))
+    return [ex for ex in examples if ex.source not in bad]
 
 
 def make_processor(cfg: EvalConfig, config, checkpoint_dir: str, run=None):
@@ -192,18 +231,22 @@ def run(argv: list[str] | None = None) -> dict:
     from qwen2vl_jax.infer import GenerationConfig
     from qwen2vl_jax.infer import evaluate as ev
 
-    model, ckpt_dir, default_out, run = load_model(cfg)
+    ckpt_dir, out_base, run = find_checkpoint(cfg)
     cfg.data = cfg.data or default_data(run, ckpt_dir)
-    processor = make_processor(cfg, model.config, ckpt_dir, run)
     skipped = []
 
-    def on_error(e: DataError):
+    def on_error(e: DataError):   # the same rule for every bad record, found early or late
         skipped.append(str(e))
         if len(skipped) > cfg.skip_budget:
-            raise DataError(f"{e} (more than skip_budget={cfg.skip_budget} bad records)")
+            raise DataError(f"{e} ({len(skipped)} bad record(s), more than skip_budget={cfg.skip_budget}; fix or "
+                            "drop them, or let up to N bad records be skipped with skip_budget=N)")
         print(f"skipping: {e}", file=sys.stderr)
 
-    examples = ev.read_examples(cfg.data, cfg.prompt_style, cfg.limit or None, on_error)
+    examples = check_examples(ev.read_examples(cfg.data, cfg.prompt_style, cfg.limit or None, on_error), on_error)
+    if not examples:
+        raise DataError(f"{cfg.data}: no evaluation record is usable")
+    model = load_model(cfg, ckpt_dir)
+    processor = make_processor(cfg, model.config, ckpt_dir, run)
     baseline = cfg.baseline_data
     if not baseline and synthetic_dir(run, ckpt_dir):
         from qwen2vl_jax.data import synthetic
@@ -215,8 +258,8 @@ def run(argv: list[str] | None = None) -> dict:
                            top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                            eos_token_id=eos, pad_token_id=processor.pad_token_id)
     report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress,
-                         prior)
-    out = cfg.out or default_out
+                         prior, on_error)
+    out = cfg.out or output_dir(out_base, cfg.data)
     extra = {"checkpoint": os.path.abspath(ckpt_dir), "data": os.path.abspath(cfg.data),
              "prompt_style": cfg.prompt_style, "skipped": len(skipped),
              "baseline_fitted_on": os.path.abspath(baseline) if baseline else os.path.abspath(cfg.data),

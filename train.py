@@ -47,9 +47,13 @@ def main(argv=None) -> int:
     except (RunConfigError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
+    from qwen2vl_jax.data import DataError
     from qwen2vl_jax.train.loop import TrainingStopped, run
     try:
         summary = run(cfg)
+    except (DataError, RunConfigError) as e:   # bad records: found by the check before the model is built
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"\ntrain.py: stopped: {e}", file=sys.stderr)
         return 1

@@ -103,7 +103,7 @@ def test_eval_hf_and_orbax_checkpoints(tiny_hf, tmp_path):
     ckpts.save(state, 7, None, cfg, {"note": "test"})
     ckpts.close()
     cli.run(["--checkpoint", str(workdir), *common])
-    orbax_preds = [json.loads(x) for x in open(workdir / "eval" / "7" / "predictions.jsonl")]
+    orbax_preds = [json.loads(x) for x in open(workdir / "eval" / "7" / "set" / "predictions.jsonl")]
     assert [p["prediction"] for p in orbax_preds] == own
 
 
@@ -111,16 +111,29 @@ def test_bad_records_and_budget(tiny_hf, tmp_path):
     cfg, path = tiny_hf
     data = _write_set(tmp_path, ["a", "b", "c"])
     good = open(data).read()
-    with open(data, "w") as f:   # a record whose <image> tag has no image, first
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    jpeg = tmp_path / "cut.jpg"   # cut short: its header reads, its pixels do not decode
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:400])
+
+    def record(image):
+        return json.dumps({"images": [image], "messages": [{"role": "user", "content": "<image>Colour?"},
+                                                            {"role": "assistant", "content": "x"}]}) + "\n"
+    with open(data, "w") as f:   # a record whose <image> tag has no image, first; then three bad images
         f.write('{"messages": [{"role": "user", "content": "<image>no image given"},'
-                ' {"role": "assistant", "content": "x"}]}\n' + good)
+                ' {"role": "assistant", "content": "x"}]}\n' + record("missing.png") + record("garbage.png")
+                + record("cut.jpg") + good)
     with pytest.raises(DataError, match=r"set.jsonl:1: .*<image>"):
         ev.read_examples(data)
     cli = _cli()
-    # The settings of the test above, so the compiled programs are reused.
-    res = cli.run(["--checkpoint", path, "--data", data, "skip_budget=1", "limit=2", "max_new_tokens=6",
+    # The settings of the test above, so the compiled programs are reused. Every kind of bad record counts
+    # against the one budget: found when parsing, when checking image headers, or only when decoding.
+    res = cli.run(["--checkpoint", path, "--data", data, "skip_budget=4", "limit=5", "max_new_tokens=6",
                     "batch_size=2", "progress=false", f"out={tmp_path / 'out'}"])
-    assert res["count"] == 2 and res["skipped"] == 1
+    assert res["count"] == 2 and res["skipped"] == 4
+    with pytest.raises(DataError, match=r"set.jsonl:4: .*cut.jpg.*truncated.*skip_budget=3"):
+        cli.run(["--checkpoint", path, "--data", data, "skip_budget=3", "limit=5", "max_new_tokens=6",
+                 "batch_size=2", "progress=false", f"out={tmp_path / 'out'}"])
     with pytest.raises(DataError, match="skip_budget=0"):
         cli.run(["--checkpoint", path, "--data", data, "progress=false"])
     with pytest.raises(Exception, match="unknown key batchsize; did you mean batch_size"):

@@ -47,6 +47,10 @@ def test_overrides_are_typed():
     ("remat=some", "remat must be none, full, dots or dots_no_batch"),
     ("init.vision=/x", "init.vision and init.llm go together"),
     ("steps", "is not key=value"),
+    ("data.buckets=[[512, 30]]", "data.buckets: bucket \\(512, 30\\): .* multiple of 4"),
+    ("data.buckets=atuo", "data.buckets must be auto or a list"),
+    ("data.buckets=[[1, 2, 3]]", "data.buckets: bucket \\[1, 2, 3\\] is not a pair"),
+    ("dtype=f16", "dtype must be auto, float32 or bfloat16"),
 ])
 def test_mistakes_name_the_key(override, message):
     with pytest.raises(RunConfigError, match=message):

@@ -159,9 +159,10 @@ class _PackIterator(grain.DatasetIterator):
         if item.source in self._skipped:  # met again in a later epoch: counted once
             return
         self._skipped[item.source] = item.reason
-        log.warning("skipping bad record %s: %s (%d of a budget of %d)", item.source, item.reason,
-                    len(self._skipped), self._ds.skip_budget)
-        if len(self._skipped) > self._ds.skip_budget:
+        if len(self._skipped) <= self._ds.skip_budget:
+            log.warning("skipping bad record %s: %s (%d of a budget of %d)", item.source, item.reason,
+                        len(self._skipped), self._ds.skip_budget)
+        else:
             listing = "\n".join(f"  {s}: {r}" for s, r in list(self._skipped.items())[:20])
             raise SkipBudgetExceeded(
                 f"{len(self._skipped)} bad records met, more than the skip budget of {self._ds.skip_budget}; "

@@ -159,27 +159,42 @@ class Report:
 
 def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfig, batch_size: int = 8,
              names: Sequence[str] = tuple(M.METRICS), seed: int = 0, progress: bool = True,
-             prior: Sequence[Example] | None = None) -> Report:
+             prior: Sequence[Example] | None = None,
+             on_error: Callable[[DataError], None] | None = None) -> Report:
     """Generate an answer for every example (batches of `batch_size`, padded to that size so one shape is
     compiled per length bucket) and score it. The next batch is tokenised and patchified on a host thread
-    while the device generates. `prior`: examples to fit the majority baseline on (see there)."""
+    while the device generates. `prior`: examples to fit the majority baseline on (see there). An example
+    that fails to encode (an image that does not decode) raises its `DataError`, or, with `on_error`, is
+    handed to it and left out of the predictions and scores."""
     from qwen2vl_jax.infer import generator_for
     gen = generator_for(model)
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
 
     def encode(batch):
-        enc = [processor.encode_example(ex.prompt, require_assistant=False, add_generation_prompt=True,
-                                        source=ex.source) for ex in batch]
-        return collate(enc, processor.pad_token_id)
+        enc, kept = [], []
+        for ex in batch:
+            try:
+                enc.append(processor.encode_example(ex.prompt, require_assistant=False, add_generation_prompt=True,
+                                                    source=ex.source))
+                kept.append(ex)
+            except DataError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+        return (collate(enc, processor.pad_token_id) if enc else None), kept
 
     bar = _progress(len(examples), progress)
-    predictions, new_tokens, start = [], 0, time.perf_counter()
+    predictions, kept, new_tokens, start = [], [], 0, time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(encode, batches[0])
         for i, batch in enumerate(batches):
-            inputs = pending.result()
+            inputs, batch = pending.result()
             if i + 1 < len(batches):
                 pending = pool.submit(encode, batches[i + 1])
+            bar.update(len(batches[i]) - len(batch))
+            if inputs is None:
+                continue
+            kept.extend(batch)
             prompt = gen.prepare(**inputs, min_rows=batch_size)
             out = gen.generate(model.params, prompt, cfg, seed=seed + i)
             length = inputs["input_ids"].shape[1]
@@ -190,7 +205,9 @@ def evaluate(model, processor, examples: Sequence[Example], cfg: GenerationConfi
                                     "references": ex.references, **M.score_all(text, ex.references, names)})
             bar.update(len(batch))
     bar.close()
-    seconds = time.perf_counter() - start
+    if not kept:
+        raise DataError("no example could be encoded; see the errors above")
+    examples, seconds = kept, time.perf_counter() - start
     summary = M.aggregate(predictions, names)
     summary["majority_baseline"] = majority_baseline(examples, names, prior)
     tasks = sorted({ex.task for ex in examples if ex.task is not None})

@@ -146,7 +146,9 @@ def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
     d = step_dir(path)
     config = read_model_config(d)
     checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(os.path.join(d, "state")).item_metadata
+    # The handler's metadata, not the checkpointer's: that one also looks for step metadata inside the item
+    # directory, where the manager never writes it, and logs a warning on every restore.
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(d) / "state")
     params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
     if shardings is None:
         device = jax.local_devices()[0]

@@ -48,10 +48,13 @@ class OptimConfig:
 class DataConfig:
     train: str = "synthetic"               # JSONL file (comma-separated for several), or "synthetic"
     batch_size: int = 8                    # rows per micro-batch, all hosts together
-    buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [[256, 64]])  # (text_len, patch_len)
+    buckets: list[list[int]] | str = "auto"   # [[text_len, patch_len], ...] per row, one compiled shape each;
+                                           # auto: sized from the checked records (printed, to pin them)
     window: int = 64                       # look-ahead of the packer (examples)
     workers: int = 0                       # grain worker processes (0 = in the training process)
     skip_budget: int = 0                   # bad records a host may skip before the run stops
+    check: int = 50_000                    # records of this host's shard checked before anything is built (all
+                                           # when it holds no more, else a random sample of this many); 0 = off
     truncate: bool = False                 # cut over-long examples in their text tail instead of skipping
     tokenizer: str = ""                    # an HF dir with tokenizer.json; default: the model's, see data.py
     image_min_pixels: int = 3136
@@ -74,7 +77,8 @@ class RunConfig:
     seed: int = 0                          # params init, data order, step RNG
     stage: int = 2                         # the paper's stages: 1 ViT + merger (LLM frozen), 2 all, 3 LLM only
     trainable: list[str] | None = None     # parts to train (vit, merger, llm); default: the stage's
-    dtype: str = "bfloat16"                # compute dtype; params and optimizer state stay float32
+    dtype: str = "auto"                    # compute dtype: float32 | bfloat16 | auto (bfloat16 on TPU and GPU,
+                                           # float32 on CPU); params and optimizer state stay float32
     remat: str = "none"                    # none | full | dots | dots_no_batch
     attn_impl: str = "auto"                # xla | blockwise | splash | pallas_gpu | cudnn | cudnn_packed | auto
     grad_accum: int = 1                    # micro-batches per optimizer step
@@ -126,29 +130,46 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RunConfigError(f"override {item!r} is not key=value (e.g. steps=100 or mesh.fsdp=8)")
-        _check_key(key.strip(), item)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        value = _yaml_value(value, item)
+        check_override(RunConfig, key.strip(), value, item)
+        _set_dotted(raw, key.strip(), value)
     cfg = _build(RunConfig, raw, source, "")
     validate(cfg)
     return cfg
 
 
-def _check_key(key: str, item: str) -> None:
-    """An override's dotted key must name a field (any key below a dict-valued field, e.g. optim.part_lr)."""
-    cls, prefix = RunConfig, ""
-    for i, part in enumerate(key.split(".")):
+def check_override(root, key: str, value, item: str) -> None:
+    """An override's dotted key must name a field of the dataclass `root` (any key below a dict-valued field,
+    e.g. optim.part_lr.vit), and its value must suit the field: errors name the override, not the file."""
+    cls, prefix, parts = root, "", key.split(".")
+    for i, part in enumerate(parts):
         fields = {f.name for f in dataclasses.fields(cls)}
         if part not in fields:
             close = difflib.get_close_matches(part, fields, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(fields))}"
             raise RunConfigError(f"override {item!r}: unknown key {prefix}{part}{hint}")
         tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            _coerce(tp, value, f"override {item!r}", key)
+            return
         if dataclasses.is_dataclass(tp):
             cls, prefix = tp, f"{prefix}{part}."
-        elif typing.get_origin(tp) is dict or i == len(key.split(".")) - 1:
+        elif typing.get_origin(tp) is dict:
+            if i == len(parts) - 2:
+                _coerce(typing.get_args(tp)[1], value, f"override {item!r}", key)
             return
         else:
             raise RunConfigError(f"override {item!r}: {prefix}{part} has no sub-keys")
+
+
+def _yaml_value(text: str, item: str):
+    """An override's value as YAML reads it (`3e-4`, `[[512, 1024]]`, `a,b`); empty means ""."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -178,8 +199,16 @@ def _coerce(tp, value, source: str, key: str) -> Any:
     """YAML gives `1e-4` as a string and `8` where a float is expected; make the value the field's type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, source, key)
+        if value is None:
+            return None
+        # The first type that takes the value; str only takes strings (a list spelt as its repr helps no one).
+        args = [a for a in typing.get_args(tp) if a is not type(None) and (a is not str or isinstance(value, str))]
+        for arg in args[:-1]:
+            try:
+                return _coerce(arg, value, source, key)
+            except RunConfigError:
+                pass
+        return _coerce(args[-1], value, source, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RunConfigError(f"{source}: {key} must be a mapping, got {value!r}")
@@ -231,8 +260,19 @@ def validate(cfg: RunConfig) -> None:
     elif cfg.optim.moments_dtype == "bfloat16" and max(cfg.optim.b1, cfg.optim.b2) > 0.99:
         problems.append(f"optim.moments_dtype bfloat16 needs b1, b2 <= 0.99 (got {cfg.optim.b1}, {cfg.optim.b2}): "
                         "bfloat16 keeps 8 significant bits, so an EMA step below ~0.4% would round away")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        problems.append(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if isinstance(cfg.data.buckets, str) and cfg.data.buckets != "auto":
+        problems.append(f"data.buckets must be auto or a list of [text_len, patch_len] pairs, got "
+                        f"{cfg.data.buckets!r}")
+    elif not isinstance(cfg.data.buckets, str):
+        from qwen2vl_jax.data.packing import PackingError, parse_buckets
+        try:
+            parse_buckets(cfg.data.buckets)
+        except PackingError as e:
+            problems.append(f"data.buckets: {e}")
+    if cfg.data.check < 0:
+        problems.append(f"data.check must be >= 0 (0 = no check), got {cfg.data.check}")
     if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
         problems.append(f"remat must be none, full, dots or dots_no_batch, got {cfg.remat!r}")
     if cfg.export_dtype not in ("float32", "bfloat16"):

@@ -3,18 +3,24 @@ with the processor that matches the model's vocabulary, each host reading its ow
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.data import Processor
-from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
+from qwen2vl_jax.data import DataError, Processor
+from qwen2vl_jax.data.check import check_records
+from qwen2vl_jax.data.packing import suggest_buckets
+from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader, read_records
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
 REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer (REFERENCE 4.1); smaller models use a byte tokenizer
+AUTO_SAMPLE = 10_000  # examples measured for data.buckets: auto when data.check is 0
 
 
 def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
@@ -44,6 +50,70 @@ def train_files(cfg: RunConfig) -> str:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data written")
     return synthetic.train_path(out)
+
+
+def _shard(cfg: RunConfig, mesh: Mesh) -> tuple[int, int]:
+    """(this host's shard, shards): one shard per distinct block of batch rows (see `make_source`)."""
+    start, stop = host_rows(mesh, cfg.data.batch_size)
+    return start // (stop - start), cfg.data.batch_size // (stop - start)
+
+
+def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunConfig:
+    """Check this host's shard of the training records before anything is built (data/check.py): more bad
+    records than `data.skip_budget` raise a one-line `DataError`; fewer are listed and left to the pipeline to
+    skip. Returns `cfg` with `data.buckets: auto` replaced by the buckets the checked examples call for."""
+    auto = cfg.data.buckets == "auto"
+    if not cfg.data.check and not auto:
+        return cfg
+    proc = processor(cfg, config)
+    index, count = _shard(cfg, mesh)
+    records = read_records(train_files(cfg))[index::count]
+    report = check_records(records, proc, limit=cfg.data.check or AUTO_SAMPLE, seed=cfg.seed,
+                           buckets=None if auto else cfg.data.buckets, truncate=cfg.data.truncate)
+    log(report.describe())
+    if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
+        _within_budget(report.problems, cfg.data.skip_budget, log)
+    if not auto:
+        return cfg
+    buckets = auto_buckets(_global_sizes(report.sizes), sampled=report.sampled or jax.process_count() > 1)
+    log(f"data.buckets: auto -> {json.dumps([list(b) for b in buckets])} (text tokens, vision patches) per row, "
+        f"from {len(report.sizes):,} examples; to pin them: data.buckets='{json.dumps([list(b) for b in buckets])}'")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=[list(b) for b in buckets]))
+
+
+def _within_budget(problems: list, budget: int, log) -> None:
+    if len(problems) > budget:
+        (source, reason), more = problems[0], len(problems) - 1
+        also = f" (and {more} more bad record{'s' * (more > 1)})" if more else ""
+        raise DataError(f"{source}: {reason}{also}; fix or drop the record{'s' * bool(more)}, or let the run skip "
+                        f"up to N bad records with data.skip_budget=N (now {budget})")
+    for source, reason in problems:
+        log(f"  will skip {source}: {reason}")
+
+
+def auto_buckets(sizes: np.ndarray, sampled: bool) -> tuple:
+    """Buckets for examples of `sizes` (n, 2) (text tokens, patches): rows of T text tokens, T a multiple of 128
+    that holds the longest example and four of the average one (so the packer has room to fill rows), with
+    the patch budget of the data's patches per token (`suggest_buckets`). A sample's ratio is uncertain and
+    gets a second bucket (its `spread`); a fully checked set's is known, and one shape compiles once."""
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    sizes = sizes[sizes[:, 0] > 0]
+    if not len(sizes):
+        raise DataError("data.buckets: auto needs at least one good record to size the buckets from")
+    text = int(max(sizes[:, 0].max(), 4 * sizes[:, 0].mean()))
+    text = -(-text // 128) * 128
+    return suggest_buckets(sizes, text_lens=(text,), spread=0.1 if sampled else 0.0)
+
+
+def _global_sizes(sizes: np.ndarray) -> np.ndarray:
+    """Every host's checked sizes, so that all hosts compile the same buckets."""
+    if jax.process_count() == 1:
+        return sizes
+    from jax.experimental import multihost_utils
+    n = int(multihost_utils.process_allgather(np.int64(len(sizes))).max())
+    padded = np.zeros((n, 2), np.int64)   # zero rows are dropped by auto_buckets
+    padded[:len(sizes)] = sizes
+    return np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, 2)
 
 
 def layout(cfg: RunConfig, mesh: Mesh) -> dict:

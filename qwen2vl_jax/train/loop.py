@@ -4,6 +4,7 @@ loop with NaN guard, async checkpoints, metrics and a clean stop on SIGTERM / pr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -67,6 +68,14 @@ def initial_params(cfg: RunConfig, config: Qwen2VLConfig, shardings, log) -> dic
     return None
 
 
+def resolve_dtype(cfg: RunConfig) -> RunConfig:
+    """`dtype: auto`: bfloat16 where the matrix units are built for it (TPU, GPU), float32 on a CPU, where
+    bfloat16 is emulated and slower."""
+    if cfg.dtype != "auto":
+        return cfg
+    return dataclasses.replace(cfg, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
 # -- stopping cleanly ----------------------------------------------------------------------------------------
 
 class StopRequest:
@@ -113,8 +122,13 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} devices, "
         f"{jax.process_count()} process(es)")
 
-    # -- model and optimizer
+    # -- the data's records, checked before anything is built or compiled
     config = model_config(cfg)
+    if data is None:
+        cfg = data_lib.check(cfg, config, mesh, log)
+
+    # -- model and optimizer
+    cfg = resolve_dtype(cfg)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
     parts = trainable_parts(cfg)

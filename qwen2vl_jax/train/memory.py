@@ -30,7 +30,7 @@ from qwen2vl_jax import api, sharding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import optim
-from qwen2vl_jax.train.config import RunConfig, load, trainable_parts
+from qwen2vl_jax.train.config import RunConfig, RunConfigError, load, trainable_parts
 
 GiB = 2 ** 30
 
@@ -86,9 +86,12 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     """Per-chip bytes kept for the backward pass, and the largest transient working set."""
     t = sizes["tensor"]
     rows = cfg.data.batch_size / (sizes["data"] * sizes["fsdp"])
+    if cfg.data.buckets == "auto":
+        raise RunConfigError("the memory estimate needs the row shapes: give data.buckets (a run with buckets: "
+                             "auto prints the ones it sized from the data)")
     L = max(b[0] for b in cfg.data.buckets)
     P = max(b[1] for b in cfg.data.buckets)
-    b = 2 if cfg.dtype == "bfloat16" else 4
+    b = 4 if cfg.dtype == "float32" else 2   # auto is bfloat16 on the accelerators this plans for
     tc, vc = config.text, config.vision
     dense = cfg.attn_impl == "xla"   # `auto` is splash on TPU: no L x L scores are kept
     policy = "none" if cfg.remat == "none" else cfg.remat
