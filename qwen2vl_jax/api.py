@@ -110,9 +110,14 @@ class Qwen2VL:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
-        """Write the HF layout (config.json + safetensors) that transformers loads."""
+    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30, processor=None,
+                        generation_config=None) -> None:
+        """Write a complete HF checkpoint that transformers (`AutoProcessor`, `Qwen2VLForConditionalGeneration`)
+        and `load_pretrained` / `Processor.from_pretrained` load: config.json, safetensors, the tokenizer and
+        chat template of `processor` (default `Processor.for_model(config)`), preprocessor_config.json and
+        generation_config.json (default: greedy, the config's EOS and pad ids)."""
         hf.save_params(self.params, self.config, path, max_shard_bytes)
+        hf.save_processing(self.config, path, processor, generation_config)
 
 
 def _np(x):

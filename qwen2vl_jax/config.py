@@ -135,7 +135,8 @@ def validate(c: Qwen2VLConfig) -> None:
         problems.append(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
     if t.hidden_act != "silu":
         problems.append(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2-VL uses silu)")
-    for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
+    # The pad id is embedded (left-padded prompts) and is transformers' `padding_idx`, which must be a row.
+    for name in ("pad_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
         if not 0 <= getattr(c, name) < t.vocab_size:
             problems.append(f"{name} {getattr(c, name)} is outside the vocabulary (vocab_size {t.vocab_size})")
     if problems:
@@ -223,12 +224,27 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
     vision_kw = {k: vd[k] for k in _VISION_KEYS if k in vd}
     tok_src = {**d, **{k: v for k, v in nested.items() if k in _TOKEN_KEYS}}
     tok_kw = {k: tok_src[k] for k in _TOKEN_KEYS if isinstance(tok_src.get(k), int)}
+    if "pad_token_id" not in tok_kw:   # absent or null: transformers then pads generation with the EOS id
+        tok_kw["pad_token_id"] = default_pad_id(text_kw.get("vocab_size", TextConfig.vocab_size), tok_kw)
     tie = d.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
     try:
         return Qwen2VLConfig(vision=VisionConfig(**vision_kw), text=TextConfig(**text_kw),
                              tie_word_embeddings=bool(tie), **tok_kw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def default_pad_id(vocab_size: int, token_ids: dict[str, int]) -> int:
+    """The pad id of a config that names none: the BOS id (`<|endoftext|>`, what the Qwen2-VL checkpoints pad
+    with) when it lies inside the vocabulary and is no other special token, else the lowest id that is neither.
+    `token_ids`: the config's special token ids (the dataclass defaults fill the rest)."""
+    ids = {f.name: token_ids.get(f.name, f.default) for f in dataclasses.fields(Qwen2VLConfig)
+           if f.name in _TOKEN_KEYS}
+    taken = {ids[k] for k in _TOKEN_KEYS if k not in ("bos_token_id", "pad_token_id")}
+    for candidate in (ids["bos_token_id"], *range(vocab_size)):
+        if 0 <= candidate < vocab_size and candidate not in taken:
+            return candidate
+    raise ConfigError(f"vocab_size {vocab_size} leaves no id for padding besides the special tokens")
 
 
 def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
 # -- tokenizers --------------------------------------------------------------------------------------------------
 
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "qwen2_tokenizer.json.xz")
+DEFAULT_VOCAB = 151657   # tokens of that tokenizer; the models' embeddings are padded past it
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,6 +216,17 @@ class Processor:
         return proc
 
     @classmethod
+    def for_model(cls, config, **kwargs) -> "Processor":
+        """The processor a model of `config` was most likely trained with: the Qwen2-VL tokenizer when the
+        vocabulary is large enough and the config uses its special token ids, else a byte-level one."""
+        if config.text.vocab_size >= DEFAULT_VOCAB:
+            try:
+                return cls.from_config(config, Tokenizer.from_str(default_tokenizer_json()), **kwargs)
+            except ValueError:   # other special token ids: the Qwen2-VL tokenizer would contradict the config
+                pass
+        return cls.from_config(config, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "Processor":
         """An HF checkpoint directory: tokenizer.json, the chat template (chat_template.jinja / .json, or
         tokenizer_config.json) and the pixel settings of preprocessor_config.json (and
@@ -238,6 +250,52 @@ class Processor:
         settings["chat_template"] = _read_chat_template(path)
         settings.update(kwargs)
         return cls(Tokenizer.from_file(file), **settings)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the processor files of an HF Qwen2-VL checkpoint, as the published ones lay them out:
+        tokenizer.json, tokenizer_config.json (special tokens, chat template), chat_template.json and
+        preprocessor_config.json (plus video_preprocessor_config.json when the video settings are not the
+        defaults). transformers' `AutoProcessor`, vLLM and `Processor.from_pretrained` read them back."""
+        os.makedirs(path, exist_ok=True)
+        template = self.chat_template or QWEN2VL_CHAT_TEMPLATE
+        added = self.tokenizer.get_added_tokens_decoder()
+        specials = [t.content for _, t in sorted(added.items()) if t.special and t.content != "<|endoftext|>"]
+        tokenizer_config = {
+            "add_prefix_space": False,
+            "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                                              "rstrip": t.rstrip, "single_word": t.single_word,
+                                              "special": t.special} for i, t in sorted(added.items())},
+            "additional_special_tokens": specials,
+            "bos_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768,
+            "pad_token": "<|endoftext|>", "padding_side": self.padding_side, "processor_class": "Qwen2VLProcessor",
+            "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        }
+        image = {
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+            "min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels,
+            "size": {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels},
+            "patch_size": self.patch_size, "merge_size": self.merge_size,
+            "temporal_patch_size": self.temporal_patch_size, "resample": 3, "rescale_factor": 1 / 255,
+        }
+        files = {"tokenizer_config.json": tokenizer_config, "chat_template.json": {"chat_template": template},
+                 "preprocessor_config.json": image}
+        # Without this file, readers fall back to the qwen-vl-utils video defaults (from_pretrained) or to the
+        # image settings (transformers): written only when neither is what this processor does.
+        if (self.video_min_pixels, self.video_max_pixels) != (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS):
+            files["video_preprocessor_config.json"] = {
+                **{k: image[k] for k in ("image_mean", "image_std", "patch_size", "merge_size",
+                                         "temporal_patch_size", "processor_class")},
+                "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
+                "max_pixels": self.video_max_pixels,
+                "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}}
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(self.tokenizer.to_str())
+        for name, content in files.items():
+            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
 
     # -- text --------------------------------------------------------------------------------------------------
 

@@ -71,6 +71,17 @@ class GenerationConfig:
         kw.update(overrides)
         return cls.create(**kw)
 
+    def save_pretrained(self, path: str, bos_token_id: int | None = None) -> None:
+        """Write `generation_config.json`: transformers' `generate()` then decodes as this config does."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        eos = list(self.eos_token_id)
+        d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+        if bos_token_id is not None:
+            d["bos_token_id"] = bos_token_id
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+
 
 def _ids(x) -> tuple[int, ...]:
     if x is None:

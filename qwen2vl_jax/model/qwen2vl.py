@@ -57,6 +57,9 @@ class Qwen2VLModule(nn.Module):
         if batch.get("patches") is not None:
             vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"])
         x = self.embed(batch["input_ids"], vision, batch.get("vision_index"))
+        # Padding slots (segment 0) enter as zeros whatever their ids: an id outside the vocabulary embeds to
+        # NaN, and masked attention weighs a padded key by an exact 0, which 0 * NaN would still poison.
+        x = jnp.where((batch["segment_ids"] != 0)[..., None], x, 0)
         return self.model(x, batch["positions"], batch["segment_ids"], cache, kv_segment_ids, cache_index)
 
     def __call__(self, batch, cache=None, kv_segment_ids=None, cache_index=None):

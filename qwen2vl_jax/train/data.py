@@ -32,6 +32,15 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     return Processor.from_config(config, **kw)
 
 
+def generation(cfg: RunConfig):
+    """The generation settings of the checkpoint the run started from (its generation_config.json), or None."""
+    from qwen2vl_jax.infer.config import GenerationConfig
+    for path in (cfg.init_from, cfg.model):
+        if path and os.path.isfile(os.path.join(path, "generation_config.json")):
+            return GenerationConfig.from_pretrained(path)
+    return None
+
+
 def train_files(cfg: RunConfig) -> str:
     """The JSONL path(s) to train on; "synthetic" generates the demo set first (once; it is reused)."""
     if cfg.data.train != "synthetic":
