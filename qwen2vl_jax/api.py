@@ -86,7 +86,7 @@ class Qwen2VL:
         return jax.jit(lambda params, batch: self.module.apply({"params": params}, batch))
 
     def packed_logits(self, rows: dict) -> jax.Array:
-        """Logits (B, L, vocab) of a packed batch (DESIGN.md format; extra keys are ignored)."""
+        """Logits (B, L, vocab) of a packed batch (docs/design.md format; extra keys are ignored)."""
         batch = {k: jnp.asarray(rows[k]) for k in MODEL_KEYS if rows.get(k) is not None}
         return self._logits_fn(self.params, batch)
 

@@ -1,6 +1,6 @@
 """Model configuration: dataclasses, presets, and the Hugging Face `config.json` reader/writer.
 
-Numbers follow REFERENCE.md section 9 (published configs) and section 2.1 (the fixed vision tower).
+Numbers are those of the published configs (docs/design.md, "Model sizes" and "Vision tower").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class VisionConfig:
     embed_dim: int = 1280              # ViT width E
     num_heads: int = 16                # head_dim = E / num_heads = 80
     mlp_ratio: float = 4.0             # MLP hidden = int(E * mlp_ratio)
-    hidden_size: int = 3584            # merger output = LLM hidden size (REFERENCE 2.1: not the ViT width)
+    hidden_size: int = 3584            # merger output = LLM hidden size (not the ViT width)
     in_channels: int = 3
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -54,7 +54,7 @@ class TextConfig:
     num_hidden_layers: int = 28
     num_attention_heads: int = 28
     num_key_value_heads: int = 4
-    rms_norm_eps: float = 1e-6         # the HF class default 1e-5 is a trap (REFERENCE 5)
+    rms_norm_eps: float = 1e-6         # the HF class default 1e-5 is wrong for every published config
     rope_theta: float = 1e6
     mrope_section: tuple[int, int, int] = (16, 24, 24)   # t, h, w rotary pairs; sums to head_dim / 2
     max_position_embeddings: int = 32768
@@ -143,7 +143,7 @@ def validate(c: Qwen2VLConfig) -> None:
         raise ConfigError("invalid Qwen2-VL config: " + "; ".join(problems))
 
 
-# -- presets (REFERENCE 9 and 13) -----------------------------------------------------------------
+# -- presets (docs/design.md, "Model sizes") -----------------------------------------------------------------
 
 def _preset(D, layers, heads, kv, inter, vocab, tied) -> Qwen2VLConfig:
     return Qwen2VLConfig(
@@ -154,7 +154,7 @@ def _preset(D, layers, heads, kv, inter, vocab, tied) -> Qwen2VLConfig:
 
 
 def tiny(vocab_size: int = 1000) -> Qwen2VLConfig:
-    """The tiny random model of REFERENCE 13 (special tokens at the top of a 1000-entry vocabulary)."""
+    """The tiny random model of the parity tests (special tokens at the top of a 1000-entry vocabulary)."""
     return Qwen2VLConfig(
         vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, hidden_size=64),
         text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -216,7 +216,7 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
     text_kw = {k: text_src[k] for k in _TEXT_KEYS if k in text_src}
     if "rope_theta" in rope and "rope_theta" not in text_kw:
         text_kw["rope_theta"] = rope["rope_theta"]
-    # REFERENCE 6: the reference hard-wires [16, 24, 24] when the section is missing.
+    # The reference hard-wires [16, 24, 24] when the section is missing.
     text_kw["mrope_section"] = tuple(rope.get("mrope_section", (16, 24, 24)))
     vd = dict(d.get("vision_config") or {})
     if "in_chans" in vd and "in_channels" not in vd:

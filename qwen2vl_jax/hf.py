@@ -1,4 +1,4 @@
-"""Hugging Face safetensors <-> our params (REFERENCE 11).
+"""Hugging Face safetensors <-> our params (docs/design.md, "Checkpoints").
 
 Reads both on-disk layouts (`visual.*` / `model.*` and `model.visual.*` / `model.language_model.*`), single
 files and sharded `model.safetensors.index.json`, the tied 2B head, in f32 or bf16. Tensors are read lazily
@@ -167,7 +167,7 @@ def param_map(config: Qwen2VLConfig) -> dict[tuple[str, ...], tuple[str, int | N
 
 
 def _canonical(name: str) -> str:
-    """Map the in-memory layout (`model.visual.`, `model.language_model.`) to the on-disk one (REFERENCE 11.1)."""
+    """Map the in-memory layout (`model.visual.`, `model.language_model.`) to the on-disk one."""
     if name.startswith("model.visual."):
         return name[len("model."):]
     if name.startswith("model.language_model."):

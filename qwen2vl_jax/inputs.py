@@ -1,4 +1,4 @@
-"""Host-side conversion of a Hugging Face style call into the packed batch format (DESIGN.md).
+"""Host-side conversion of a Hugging Face style call into the packed batch format (docs/design.md).
 
 Each batch row becomes one packed row holding one example: its patches are the rows of `pixel_values` /
 `pixel_values_videos` of the images and videos whose spans appear in that row, in text order.
@@ -102,7 +102,7 @@ def _check_vocab(config, ids, mask):
 
 
 def _check_counts(config, ids, mask, img_grids, vid_grids):
-    """The reference's own check (REFERENCE 4.2): pad tokens must equal merged features, per kind."""
+    """The reference's own check: pad tokens must equal merged features, per kind."""
     m = config.vision.spatial_merge_size
     valid = mask == 1
     for what, tok, grids in (("Image", config.image_token_id, img_grids), ("Video", config.video_token_id, vid_grids)):

@@ -1,7 +1,7 @@
 """Generation settings: the fields of a Hugging Face `generation_config.json` that this decoder implements.
 
 Defaults are transformers' `GenerationConfig` defaults (so `do_sample=True` alone means temperature 1,
-top-k 50, as in HF). The published Qwen2-VL checkpoints ship their own values (REFERENCE 4.4: eos
+top-k 50, as in HF). The published Qwen2-VL checkpoints ship their own values (eos
 [151645, 151643], temperature 0.1, top_k 1, top_p 0.001, repetition_penalty 1.05); `from_pretrained` reads them.
 """
 

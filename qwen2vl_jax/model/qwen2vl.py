@@ -1,6 +1,6 @@
 """The whole model: vision tower -> merged tokens gathered into the text embeddings -> LLM -> logits.
 
-`Qwen2VLModule` is the pure Linen module over the packed batch format (DESIGN.md). Vision outputs reach the
+`Qwen2VLModule` is the pure Linen module over the packed batch format (docs/design.md). Vision outputs reach the
 text through `vision_index` (host-built), so no Python loop over images runs inside jit.
 """
 
@@ -38,7 +38,7 @@ class Qwen2VLModule(nn.Module):
         return self.visual(patches, patch_segment_ids, patch_positions)
 
     def embed(self, input_ids, vision_tokens=None, vision_index=None):
-        """Token embeddings with merged vision tokens written where `vision_index >= 0` (REFERENCE 8.1)."""
+        """Token embeddings with merged vision tokens written where `vision_index >= 0` (the reference's order)."""
         x = self.model.embed(input_ids)
         if vision_tokens is None:
             return x

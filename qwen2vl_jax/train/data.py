@@ -14,7 +14,7 @@ from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
-REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer (REFERENCE 4.1); smaller models use a byte tokenizer
+REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer; smaller models use a byte tokenizer
 
 
 def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
