@@ -71,7 +71,7 @@ def _greedy_both(path, auto_processor, max_new_tokens=8):
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         np.testing.assert_array_equal(hf_in[key].numpy(), our_in[key], err_msg=key)
     hf_model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         hf_out = hf_model.generate(**hf_in, max_new_tokens=max_new_tokens, do_sample=False).numpy()
     model = qv.load_pretrained(path)
