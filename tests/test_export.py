@@ -194,3 +194,10 @@ def test_pad_id_outside_the_vocabulary_is_refused():
     d = qconfig.tiny().to_hf_dict()
     del d["pad_token_id"], d["bos_token_id"]   # no pad and a BOS outside the vocabulary: the lowest free id
     assert qconfig.from_hf_dict(d).pad_token_id == 0
+
+
+def test_a_processor_of_another_model_is_refused_before_anything_is_written(tmp_path):
+    model = qv.Qwen2VL.init(qconfig.tiny(), seed=0)
+    with pytest.raises(ValueError, match=r"does not belong to this model .*image_token_id 151655 != 992"):
+        model.save_pretrained(str(tmp_path / "out"), processor=Processor.default())
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")

@@ -192,7 +192,7 @@ def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "floa
     lazy = jax.tree.map(lambda x: _Gathered(x, np_dtype), params)
     # Every process must read every tensor (the gathers are collective); only process 0 keeps the files.
     target = path if jax.process_index() == 0 else tempfile.mkdtemp()
+    hf.save_processing(config, target, processor, generation)   # checks the processor before the weights
     hf.save_params(lazy, config, target)
-    hf.save_processing(config, target, processor, generation)
     if target != path:
         shutil.rmtree(target, ignore_errors=True)
