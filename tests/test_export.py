@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 import qwen2vl_jax as qv
 from qwen2vl_jax import config as qconfig
 from qwen2vl_jax.data import Processor
+from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+from train_utils import random_params
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -80,7 +82,7 @@ def _greedy_both(path, auto_processor, max_new_tokens=8):
 
 
 def test_save_pretrained_writes_a_checkpoint_transformers_loads(tmp_path, auto_processor, capfd):
-    model = qv.Qwen2VL.init(qconfig.tiny(), seed=3)
+    model = qv.Qwen2VL(qconfig.tiny(), random_params(Qwen2VLModule(qconfig.tiny()), seed=3))
     path = str(tmp_path / "export")
     capfd.readouterr()
     model.save_pretrained(path)
@@ -100,7 +102,7 @@ def test_training_export_is_complete(tmp_path, auto_processor):
     cfg = load(None, ["model=tiny", f"workdir={tmp_path}", "data.image_max_pixels=50176"])
     config = qconfig.tiny()
     path = str(tmp_path / "hf")
-    checkpoint.export_hf(qv.Qwen2VL.init(config, seed=1).params, config, path,
+    checkpoint.export_hf(random_params(Qwen2VLModule(config), seed=1), config, path,
                          processor=data_lib.processor(cfg, config), generation=data_lib.generation(cfg))
     with open(os.path.join(path, "preprocessor_config.json")) as f:
         assert json.load(f)["max_pixels"] == 50176
@@ -175,7 +177,7 @@ def test_null_pad_id_generates_like_transformers_and_exports(tmp_path, auto_proc
 def test_padding_slots_never_reach_real_tokens():
     """Whatever id a padding slot holds (even one outside the vocabulary, which embeds to NaN), the real
     tokens' logits are the same, bit for bit, and finite."""
-    model = qv.Qwen2VL.init(qconfig.tiny(), seed=2)
+    model = qv.Qwen2VL(qconfig.tiny(), random_params(Qwen2VLModule(qconfig.tiny()), seed=2))
     ids = np.array([[0, 0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
     mask = (np.arange(7) >= np.array([[3], [0]])).astype(np.int32)
     clean = np.asarray(model(ids, mask))
@@ -197,7 +199,7 @@ def test_pad_id_outside_the_vocabulary_is_refused():
 
 
 def test_a_processor_of_another_model_is_refused_before_anything_is_written(tmp_path):
-    model = qv.Qwen2VL.init(qconfig.tiny(), seed=0)
+    model = qv.Qwen2VL(qconfig.tiny(), random_params(Qwen2VLModule(qconfig.tiny())))
     with pytest.raises(ValueError, match=r"does not belong to this model .*image_token_id 151655 != 992"):
         model.save_pretrained(str(tmp_path / "out"), processor=Processor.default())
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")

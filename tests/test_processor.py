@@ -207,8 +207,8 @@ def test_from_pretrained_reads_checkpoint_settings(tmp_path):
 
 # Ids of the Qwen2-VL tokenizer as the published checkpoints tokenize this text (the special tokens at their
 # ids 151643-151656, the BPE merges of the Qwen2 vocabulary, `<think>` as plain text).
-AWKWARD = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hello world! Ça coûte 12,50 € — 你好，世界。"
-           " def f(x):\n    return x**2<think><|im_end|>\n")
+AWKWARD = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hello world! Ça coûte 12,50 € — "
+           "你好，世界。 def f(x):\n    return x**2<think><|im_end|>\n")
 AWKWARD_IDS = [151644, 872, 198, 151652, 151655, 151653, 9707, 1879, 0, 131098, 1062, 29772, 665, 220, 16, 17, 11,
                20, 15, 12984, 1959, 220, 108386, 3837, 99489, 1773, 707, 282, 2075, 982, 262, 470, 856, 334, 17,
                13708, 766, 29, 151645, 198]
