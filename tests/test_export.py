@@ -203,3 +203,18 @@ def test_a_processor_of_another_model_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ValueError, match=r"does not belong to this model .*image_token_id 151655 != 992"):
         model.save_pretrained(str(tmp_path / "out"), processor=Processor.default())
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_the_demo_export_answers_like_transformers(tmp_path, auto_processor):
+    """`python train.py` (the demo, cut to 3 steps) exports a checkpoint that transformers runs to our answer."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"workdir={tmp_path}", "steps=3",
+                        "checkpoint_every=3", "data.synthetic_size=40", "progress=false"],
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "holes" not in r.stdout
+    out, hf_out, _ = _greedy_both(str(tmp_path / "hf"), auto_processor)
+    np.testing.assert_array_equal(out, hf_out)
