@@ -218,3 +218,17 @@ def test_the_demo_export_answers_like_transformers(tmp_path, auto_processor):
     assert "holes" not in r.stdout
     out, hf_out, _ = _greedy_both(str(tmp_path / "hf"), auto_processor)
     np.testing.assert_array_equal(out, hf_out)
+
+
+def test_processor_settings_round_trip(tmp_path):
+    proc = Processor.from_config(qconfig.tiny(), image_min_pixels=784, image_max_pixels=28 * 28 * 64,
+                                 video_min_pixels=4 * 28 * 28, video_max_pixels=48 * 28 * 28)
+    proc.save_pretrained(str(tmp_path))
+    back = Processor.from_pretrained(str(tmp_path))
+    settings = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "patch_size",
+                "merge_size", "temporal_patch_size", "chat_template", "pad_token_id", "eos_token_id",
+                "image_token_id", "video_token_id")
+    assert [getattr(back, k) for k in settings] == [getattr(proc, k) for k in settings]
+    assert back.tokenizer.get_vocab() == proc.tokenizer.get_vocab()
+    Processor.default().save_pretrained(str(tmp_path / "default"))   # no video settings: no video file
+    assert not os.path.exists(tmp_path / "default" / "video_preprocessor_config.json")
