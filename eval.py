@@ -6,7 +6,7 @@
     python eval.py --checkpoint DIR [--data FILE.jsonl] [--config configs/eval.yaml] [key=value ...]
 
 DIR is a Hugging Face checkpoint (config.json + *.safetensors) or an orbax training checkpoint (a workdir, its
-checkpoints/ directory or one step directory). Records use the training format (DESIGN.md); the last
+checkpoints/ directory or one step directory). Records use the training format (docs/design.md, "Data format"); the last
 assistant turn of each is the reference answer. Writes <out>/predictions.jsonl and <out>/metrics.json and
 prints the metrics. Every key of configs/eval.yaml can be overridden as key=value (e.g. prompt_style=lmms
 batch_size=16 max_new_tokens=16).

@@ -86,7 +86,7 @@ class Qwen2VL:
         return jax.jit(lambda params, batch: self.module.apply({"params": params}, batch))
 
     def packed_logits(self, rows: dict) -> jax.Array:
-        """Logits (B, L, vocab) of a packed batch (DESIGN.md format; extra keys are ignored)."""
+        """Logits (B, L, vocab) of a packed batch (docs/design.md format; extra keys are ignored)."""
         batch = {k: jnp.asarray(rows[k]) for k in MODEL_KEYS if rows.get(k) is not None}
         return self._logits_fn(self.params, batch)
 
@@ -110,8 +110,13 @@ class Qwen2VL:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
-        """Write the HF layout (config.json + safetensors) that transformers loads."""
+    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30, processor=None,
+                        generation_config=None) -> None:
+        """Write a complete HF checkpoint that transformers (`AutoProcessor`, `Qwen2VLForConditionalGeneration`)
+        and `load_pretrained` / `Processor.from_pretrained` load: config.json, safetensors, the tokenizer and
+        chat template of `processor` (default `Processor.for_model(config)`), preprocessor_config.json and
+        generation_config.json (default: greedy, the config's EOS and pad ids)."""
+        hf.save_processing(self.config, path, processor, generation_config)   # checks the processor first
         hf.save_params(self.params, self.config, path, max_shard_bytes)
 
 

@@ -1,4 +1,4 @@
-"""Stage-1 initialisation: a Qwen2-VL params tree from a CLIP ViT and a Qwen2 LLM (REFERENCE 15).
+"""Stage-1 initialisation: a Qwen2-VL params tree from a CLIP ViT and a Qwen2 LLM.
 
 The paper starts the vision encoder from the DFN CLIP ViT-H/14 and the LLM from Qwen2. This module builds
 that starting point from two checkpoints:
@@ -6,7 +6,7 @@ that starting point from two checkpoints:
 * vision: a CLIP ViT in the Hugging Face layout (`CLIPVisionModel` / `CLIPModel`, `*.patch_embedding`,
   `encoder.layers.N.self_attn.{q,k,v}_proj`, ...) or the open_clip layout (`visual.conv1`,
   `visual.transformer.resblocks.N.attn.in_proj_weight`, `mlp.c_fc`, ...), safetensors;
-* language: a Hugging Face `Qwen2ForCausalLM` (its names are the Qwen2-VL text names, REFERENCE 11.2).
+* language: a Hugging Face `Qwen2ForCausalLM` (its names are the Qwen2-VL text names).
 
 What maps: the patch embedding (the 2D conv kernel inflated over the temporal depth, below), the fused q/k/v
 and output projections, the MLP and both block LayerNorms, and every LLM tensor. What does not: the class
@@ -63,7 +63,7 @@ class _Layout:
     dropped: tuple             # (regex on the name relative to the prefix, why it is not used)
 
 
-_CLS = "class token: Qwen2-VL has none (REFERENCE 2.1)"
+_CLS = "class token: Qwen2-VL has none"
 _POS = "absolute position embedding: replaced by the ViT's 2D RoPE"
 _PRE = "CLIP pre-LayerNorm: Qwen2-VL has none before the first block"
 _POST = "CLIP post-LayerNorm: Qwen2-VL has no final norm; the fresh merger's ln_q follows the last block"
@@ -83,7 +83,7 @@ HF_CLIP = _Layout(
      (r"embeddings\.position_ids$", _POS), (r"pre_layrnorm\.", _PRE), (r"post_layernorm\.", _POST)))
 
 # open_clip's nn.MultiheadAttention keeps q/k/v fused as in_proj rows [q; k; v], heads contiguous in each:
-# the same order as Qwen2-VL's fused qkv (REFERENCE 11.2), so it maps without reordering.
+# the same order as Qwen2-VL's fused qkv ([q | k | v] rows), so it maps without reordering.
 OPEN_CLIP = _Layout(
     "open_clip", "conv1.weight", "transformer.resblocks.",
     {"norm1/scale": ("ln_1.weight",), "norm1/bias": ("ln_1.bias",),
@@ -166,7 +166,7 @@ def _inflate(w, tp: int):
     """CLIP conv (E, C, p, p) -> our patch Dense kernel (C*tp*p*p, E), columns ordered (c, t, py, px).
 
     Every temporal slice is W/tp, so a patch whose tp frames are the same image (how the processor feeds
-    images, REFERENCE 2.2) gives exactly the 2D conv's response; dividing by tp = 2 is exact in binary."""
+    images) gives exactly the 2D conv's response; dividing by tp = 2 is exact in binary."""
     w = np.asarray(w, np.float32) / np.float32(tp)
     e, c, p, _ = w.shape
     return np.broadcast_to(w[:, :, None], (e, c, tp, p, p)).reshape(e, -1).T
@@ -242,7 +242,7 @@ def _check_vision(reader, path, layout, prefix, config, report, problems) -> int
     eps = meta.get("eps")
     if eps is not None and eps != 1e-6:
         report.warnings.append(f"vision LayerNorm eps: the source uses {eps:g}, Qwen2-VL hard-codes 1e-6 "
-                               "(REFERENCE 2.1); a small numeric difference")
+                               "in every vision LayerNorm; a small numeric difference")
     return len(idx)
 
 
@@ -261,7 +261,7 @@ def _classify_vision(reader, layout, prefix, report, problems) -> None:
             continue
         if name == prefix + layout.patch[: -len("weight")] + "bias":
             problems.append(f"{name}: the patch conv has a bias, but Qwen2-VL's patch embedding has none "
-                            "(REFERENCE 2.3); this is not a CLIP ViT")
+                            "(a bias-free Conv3d); this is not a CLIP ViT")
             continue
         rel, rules = (name[len(prefix):], layout.dropped) if name.startswith(prefix) else (name, _OUTSIDE)
         why = next((w for rx, w in rules if re.search(rx, rel)), "not recognised; not used by Qwen2-VL")

@@ -1,6 +1,6 @@
 """Model configuration: dataclasses, presets, and the Hugging Face `config.json` reader/writer.
 
-Numbers follow REFERENCE.md section 9 (published configs) and section 2.1 (the fixed vision tower).
+Numbers are those of the published configs (docs/design.md, "Model sizes" and "Vision tower").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class VisionConfig:
     embed_dim: int = 1280              # ViT width E
     num_heads: int = 16                # head_dim = E / num_heads = 80
     mlp_ratio: float = 4.0             # MLP hidden = int(E * mlp_ratio)
-    hidden_size: int = 3584            # merger output = LLM hidden size (REFERENCE 2.1: not the ViT width)
+    hidden_size: int = 3584            # merger output = LLM hidden size (not the ViT width)
     in_channels: int = 3
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -54,7 +54,7 @@ class TextConfig:
     num_hidden_layers: int = 28
     num_attention_heads: int = 28
     num_key_value_heads: int = 4
-    rms_norm_eps: float = 1e-6         # the HF class default 1e-5 is a trap (REFERENCE 5)
+    rms_norm_eps: float = 1e-6         # the HF class default 1e-5 is wrong for every published config
     rope_theta: float = 1e6
     mrope_section: tuple[int, int, int] = (16, 24, 24)   # t, h, w rotary pairs; sums to head_dim / 2
     max_position_embeddings: int = 32768
@@ -135,14 +135,15 @@ def validate(c: Qwen2VLConfig) -> None:
         problems.append(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
     if t.hidden_act != "silu":
         problems.append(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2-VL uses silu)")
-    for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
+    # The pad id is embedded (left-padded prompts) and is transformers' `padding_idx`, which must be a row.
+    for name in ("pad_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
         if not 0 <= getattr(c, name) < t.vocab_size:
             problems.append(f"{name} {getattr(c, name)} is outside the vocabulary (vocab_size {t.vocab_size})")
     if problems:
         raise ConfigError("invalid Qwen2-VL config: " + "; ".join(problems))
 
 
-# -- presets (REFERENCE 9 and 13) -----------------------------------------------------------------
+# -- presets (docs/design.md, "Model sizes") -----------------------------------------------------------------
 
 def _preset(D, layers, heads, kv, inter, vocab, tied) -> Qwen2VLConfig:
     return Qwen2VLConfig(
@@ -153,7 +154,7 @@ def _preset(D, layers, heads, kv, inter, vocab, tied) -> Qwen2VLConfig:
 
 
 def tiny(vocab_size: int = 1000) -> Qwen2VLConfig:
-    """The tiny random model of REFERENCE 13 (special tokens at the top of a 1000-entry vocabulary)."""
+    """The tiny random model of the parity tests (special tokens at the top of a 1000-entry vocabulary)."""
     return Qwen2VLConfig(
         vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, hidden_size=64),
         text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -215,7 +216,7 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
     text_kw = {k: text_src[k] for k in _TEXT_KEYS if k in text_src}
     if "rope_theta" in rope and "rope_theta" not in text_kw:
         text_kw["rope_theta"] = rope["rope_theta"]
-    # REFERENCE 6: the reference hard-wires [16, 24, 24] when the section is missing.
+    # The reference hard-wires [16, 24, 24] when the section is missing.
     text_kw["mrope_section"] = tuple(rope.get("mrope_section", (16, 24, 24)))
     vd = dict(d.get("vision_config") or {})
     if "in_chans" in vd and "in_channels" not in vd:
@@ -223,12 +224,27 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
     vision_kw = {k: vd[k] for k in _VISION_KEYS if k in vd}
     tok_src = {**d, **{k: v for k, v in nested.items() if k in _TOKEN_KEYS}}
     tok_kw = {k: tok_src[k] for k in _TOKEN_KEYS if isinstance(tok_src.get(k), int)}
+    if "pad_token_id" not in tok_kw:   # absent or null: transformers then pads generation with the EOS id
+        tok_kw["pad_token_id"] = default_pad_id(text_kw.get("vocab_size", TextConfig.vocab_size), tok_kw)
     tie = d.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
     try:
         return Qwen2VLConfig(vision=VisionConfig(**vision_kw), text=TextConfig(**text_kw),
                              tie_word_embeddings=bool(tie), **tok_kw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def default_pad_id(vocab_size: int, token_ids: dict[str, int]) -> int:
+    """The pad id of a config that names none: the BOS id (`<|endoftext|>`, what the Qwen2-VL checkpoints pad
+    with) when it lies inside the vocabulary and is no other special token, else the lowest id that is neither.
+    `token_ids`: the config's special token ids (the dataclass defaults fill the rest)."""
+    ids = {f.name: token_ids.get(f.name, f.default) for f in dataclasses.fields(Qwen2VLConfig)
+           if f.name in _TOKEN_KEYS}
+    taken = {ids[k] for k in _TOKEN_KEYS if k not in ("bos_token_id", "pad_token_id")}
+    for candidate in (ids["bos_token_id"], *range(vocab_size)):
+        if 0 <= candidate < vocab_size and candidate not in taken:
+            return candidate
+    raise ConfigError(f"vocab_size {vocab_size} leaves no id for padding besides the special tokens")
 
 
 def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:

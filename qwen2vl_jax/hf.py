@@ -1,4 +1,4 @@
-"""Hugging Face safetensors <-> our params (REFERENCE 11).
+"""Hugging Face safetensors <-> our params (docs/design.md, "Checkpoints").
 
 Reads both on-disk layouts (`visual.*` / `model.*` and `model.visual.*` / `model.language_model.*`), single
 files and sharded `model.safetensors.index.json`, the tied 2B head, in f32 or bf16. Tensors are read lazily
@@ -167,7 +167,7 @@ def param_map(config: Qwen2VLConfig) -> dict[tuple[str, ...], tuple[str, int | N
 
 
 def _canonical(name: str) -> str:
-    """Map the in-memory layout (`model.visual.`, `model.language_model.`) to the on-disk one (REFERENCE 11.1)."""
+    """Map the in-memory layout (`model.visual.`, `model.language_model.`) to the on-disk one."""
     if name.startswith("model.visual."):
         return name[len("model."):]
     if name.startswith("model.language_model."):
@@ -258,8 +258,28 @@ def hf_tensors(params, config: Qwen2VLConfig) -> Iterator[tuple[str, np.ndarray]
             yield (hf.format(i=i) if n else hf), np.ascontiguousarray(a)
 
 
+def save_processing(config: Qwen2VLConfig, path: str, processor=None, generation=None) -> None:
+    """The files an HF checkpoint holds beside its weights: the processor's (tokenizer, chat template, image
+    settings; `Processor.for_model(config)` by default) and generation_config.json (greedy with the config's
+    EOS and pad ids by default, which is what `Qwen2VL.generate` does)."""
+    from qwen2vl_jax.data.processor import Processor
+    from qwen2vl_jax.infer.config import GenerationConfig
+    processor = processor if processor is not None else Processor.for_model(config)
+    wrong = [f"{a} {getattr(processor, a)} != {getattr(config, a)}" for a in ("eos_token_id", "pad_token_id",
+             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+             if getattr(processor, a) != getattr(config, a)]
+    if wrong:
+        raise ValueError("the processor's tokenizer does not belong to this model (special token ids: "
+                         + "; ".join(wrong) + ")")
+    generation = generation or GenerationConfig.create(eos_token_id=config.eos_token_id,
+                                                       pad_token_id=config.pad_token_id)
+    processor.save_pretrained(path)
+    generation.save_pretrained(path, bos_token_id=config.bos_token_id)
+
+
 def save_params(params, config: Qwen2VLConfig, path: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
-    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) in the HF layout."""
+    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) in the HF layout;
+    `save_processing` writes the rest of a checkpoint."""
     os.makedirs(path, exist_ok=True)
     # Shards are written as soon as they fill up, so only one shard is ever held in host memory.
     written: list[tuple[str, list[str]]] = []

@@ -1,4 +1,4 @@
-"""Host-side conversion of a Hugging Face style call into the packed batch format (DESIGN.md).
+"""Host-side conversion of a Hugging Face style call into the packed batch format (docs/design.md).
 
 Each batch row becomes one packed row holding one example: its patches are the rows of `pixel_values` /
 `pixel_values_videos` of the images and videos whose spans appear in that row, in text order.
@@ -40,6 +40,7 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
     mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, l)
     img_grids, vid_grids = _as_grid(image_grid_thw), _as_grid(video_grid_thw)
     m = config.vision.spatial_merge_size
+    _check_vocab(config, ids, mask)
     _check_counts(config, ids, mask, img_grids, vid_grids)
     img_rows = _split_rows(pixel_values, img_grids, "image")
     vid_rows = _split_rows(pixel_values_videos, vid_grids, "video")
@@ -91,8 +92,17 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
     return batch, deltas
 
 
+def _check_vocab(config, ids, mask):
+    """Real tokens must be rows of the embedding (padding slots may hold anything: the model zeroes them)."""
+    bad = (mask == 1) & ((ids < 0) | (ids >= config.text.vocab_size))
+    if bad.any():
+        r, p = (int(i[0]) for i in np.nonzero(bad))
+        raise InputError(f"input_ids[{r}, {p}] = {int(ids[r, p])} is outside the vocabulary (vocab_size "
+                         f"{config.text.vocab_size}); the tokenizer does not belong to this model")
+
+
 def _check_counts(config, ids, mask, img_grids, vid_grids):
-    """The reference's own check (REFERENCE 4.2): pad tokens must equal merged features, per kind."""
+    """The reference's own check: pad tokens must equal merged features, per kind."""
     m = config.vision.spatial_merge_size
     valid = mask == 1
     for what, tok, grids in (("Image", config.image_token_id, img_grids), ("Video", config.video_token_id, vid_grids)):

@@ -1,8 +1,8 @@
 """Host-side (numpy) position maths shared by the data pipeline and the model's HF-style entry point.
 
-- `rope_index`: the LLM's 3-stream M-RoPE position ids, original Qwen convention (REFERENCE 7.1).
-- `vision_patch_positions`: the ViT's 2D (h, w) rotary positions per patch row (REFERENCE 2.4).
-- `vision_patch_segments`: one attention segment per image and per temporal slice (REFERENCE 2.5).
+- `rope_index`: the LLM's 3-stream M-RoPE position ids, original Qwen convention (docs/design.md, "Position ids").
+- `vision_patch_positions`: the ViT's 2D (h, w) rotary positions per patch row.
+- `vision_patch_segments`: one attention segment per image and per temporal slice.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _find(tokens: np.ndarray, value: int, start: int) -> int:
 
 
 def vision_patch_positions(grid_thw, merge_size: int = 2) -> np.ndarray:
-    """(sum t*h*w, 2) int32 [hpos, wpos] per patch row, rows in merge-window order (REFERENCE 2.4)."""
+    """(sum t*h*w, 2) int32 [hpos, wpos] per patch row, rows in merge-window order."""
     out = []
     for t, h, w in _as_grid(grid_thw):
         hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")

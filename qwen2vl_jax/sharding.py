@@ -78,7 +78,7 @@ def tree_shardings(logical_specs, mesh: Mesh, rules=RULES):
 
 # -- batches ----------------------------------------------------------------------------------------
 
-# Logical axes of each field of the packed batch format (DESIGN.md); rows split over the "batch" rule.
+# Logical axes of each field of the packed batch format (docs/design.md); rows split over the "batch" rule.
 BATCH_AXES: dict[str, tuple] = {
     "input_ids": ("batch", "length"),
     "segment_ids": ("batch", "length"),

@@ -304,7 +304,7 @@ def _encode(cfg):
 
 
 def _merger_reference(params, x):
-    """Qwen2-VL's PatchMerger in torch (REFERENCE 2.4): LayerNorm(1e-6), 4 rows -> 4E, Linear-GELU(erf)-Linear."""
+    """Qwen2-VL's PatchMerger in torch: LayerNorm(1e-6), 4 rows -> 4E, Linear-GELU(erf)-Linear."""
     m = {k: torch.from_numpy(np.array(v)) for k, v in _flat(params["visual"]["merger"]).items()}
     h = torch.nn.functional.layer_norm(torch.from_numpy(x), (W,), m["ln_q/scale"], m["ln_q/bias"], 1e-6)
     h = h.reshape(-1, 4 * W) @ m["mlp_0/kernel"] + m["mlp_0/bias"]

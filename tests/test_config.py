@@ -13,7 +13,7 @@ def _count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-# REFERENCE 10: exact totals, vision tower incl. merger, counted by the reference on the meta device.
+# Exact totals (docs/design.md, "Model sizes"), vision tower incl. merger, counted by the reference on the meta device.
 @pytest.mark.parametrize("name,total,vision", [
     ("2b", 2_208_985_600, 665_271_296),
     ("7b", 8_291_375_616, 675_759_104),

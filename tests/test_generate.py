@@ -30,7 +30,7 @@ def generation_cases(cfg):
     """The issue's four cases, plus a batch whose rows hold different numbers of images."""
     base = hf_models.cases(cfg)
     out = {k: base[k] for k in ("single_image", "two_images", "left_padded_batch")}
-    gv = (3, 4, 4)   # T=3 > max(Hm, Wm)=2: the text after the video uses the 4.57 advance (REFERENCE 7.2)
+    gv = (3, 4, 4)   # T=3 > max(Hm, Wm)=2: the text after the video uses the 4.57 advance (design.md "Position ids")
     out["video"] = dict(input_ids=np.asarray([hf_models.text(3) + hf_models.vision_ids(cfg, gv, video=True)
                                               + hf_models.text(4, 30)]),
                         pixel_values_videos=hf_models.pixels([gv], 7), video_grid_thw=np.asarray([gv]))

@@ -23,7 +23,7 @@ def test_round_trip_loads_in_transformers_identically(hf_checkpoints, tmp_path, 
     cfg, ref, path = hf_checkpoints[shape]
     ours = qv.load_pretrained(path)
     ours.save_pretrained(str(tmp_path))
-    if cfg.tie_word_embeddings:   # REFERENCE 11.1: the tied head is not written
+    if cfg.tie_word_embeddings:   # the tied head is not written
         assert "lm_head.weight" not in hf.SafetensorsReader(str(tmp_path)).keys()
     back = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
     a, b = _state(ref), _state(back)

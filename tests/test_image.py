@@ -52,14 +52,14 @@ def test_smart_resize_matches_reference_on_random_sizes():
 
 
 def test_smart_resize_matches_reference_on_every_small_size():
-    # Sides under 28 are where rounding hits zero and the min-pixel branch takes over (REFERENCE 3.2).
+    # Sides under 28 are where rounding hits zero and the min-pixel branch takes over.
     for lo, hi in ((IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS), (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS), (784, 3136)):
         for h in range(1, 121):
             for w in range(1, 121):
                 assert smart_resize(h, w, 28, lo, hi) == hf_image.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
 
 
-@pytest.mark.parametrize("hw, class_default, hub", [  # REFERENCE 3.2, observed examples
+@pytest.mark.parametrize("hw, class_default, hub", [  # examples observed on the reference
     ((70, 100), (56, 112), (56, 112)), ((42, 42), (56, 56), (56, 56)), ((14, 14), (56, 56), (56, 56)),
     ((224, 224), (224, 224), (224, 224)), ((1080, 1920), (728, 1316), (1092, 1932)),
     ((4000, 3000), (1148, 840), (4004, 2996)), ((5000, 5000), (980, 980), (3556, 3556)),

@@ -68,7 +68,8 @@ def test_rope_index_matches_reference(loaded, shape, case):
 
 
 def test_rope_index_worked_example():
-    """REFERENCE 7.3, by hand: [5, VS, P, P, VE, 6, VS, P, P, VE, 7] with grids [1,2,4] and [1,4,2]."""
+    """The worked example of docs/design.md "Position ids", by hand: [5, VS, P, P, VE, 6, VS, P, P, VE, 7] with
+    grids [1,2,4] and [1,4,2]."""
     cfg = qv.config.tiny()
     vs, ve, p = cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id
     pos, delta = qv.rope_index(cfg, [[5, vs, p, p, ve, 6, vs, p, p, ve, 7]], [[1, 2, 4], [1, 4, 2]])
@@ -79,7 +80,7 @@ def test_rope_index_worked_example():
 
 
 def test_rope_index_long_video_keeps_original_convention():
-    """REFERENCE 7.2: grid [6,4,4] -> text after the video starts at b + max(T, Hm, Wm) = 3 + 6 = 9 (4.57)."""
+    """Grid [6,4,4] -> text after the video starts at b + max(T, Hm, Wm) = 3 + 6 = 9 (4.57)."""
     cfg = qv.config.tiny()
     ids = [[5, 6, cfg.vision_start_token_id] + [cfg.video_token_id] * 24 + [cfg.vision_end_token_id, 7]]
     pos, _ = qv.rope_index(cfg, ids, video_grid_thw=[[6, 4, 4]])

@@ -41,7 +41,7 @@ def test_hand_computed_rows():
         [20, VS, VID, VID, VID, VID, VE, 21, VS, IMG, IMG, VE, 22, 0, 0, 0]])
     np.testing.assert_array_equal(rows["segment_ids"], [[1] * 8 + [2] * 3 + [0] * 5, [1] * 13 + [0] * 3])
     np.testing.assert_array_equal(rows["example_index"], [[0] * 8 + [1] * 3 + [-1] * 5, [2] * 13 + [-1] * 3])
-    # M-RoPE by hand (REFERENCE 7.1): a's image (merged 1x1x2) sits at 3, text resumes at 3 + 2 = 5.
+    # M-RoPE by hand: a's image (merged 1x1x2) sits at 3, text resumes at 3 + 2 = 5.
     # c: video (merged 2x1x2) at base 2, text resumes at 2 + 2 = 4; image (merged 1x2x1) at 7, text at 9.
     t0, h0, w0 = [0, 1, 2, 3, 3, 5, 6, 7], [0, 1, 2, 3, 3, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]
     pad = [0] * 5
@@ -65,10 +65,10 @@ def test_hand_computed_rows():
     np.testing.assert_array_equal(rows["patches"][1, :, 0],
                                   list(range(200, 216)) + list(range(300, 308)) + [0] * 8)
     assert not rows["patches"][:, :, 1:].any()
-    # One ViT segment per image and per temporal slice of a video (REFERENCE 2.5).
+    # One ViT segment per image and per temporal slice of a video.
     np.testing.assert_array_equal(rows["patch_segment_ids"], [[1] * 8 + [0] * 24,
                                                               [1] * 8 + [2] * 8 + [3] * 8 + [0] * 8])
-    # 2D positions in merge-window order (REFERENCE 2.4), repeated per temporal slice.
+    # 2D positions in merge-window order, repeated per temporal slice.
     win_2x4 = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
     win_4x2 = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
     np.testing.assert_array_equal(rows["patch_positions"][0], win_2x4 + [(0, 0)] * 24)
@@ -135,7 +135,7 @@ def test_invariants_on_random_mix():
             np.testing.assert_array_equal(rows["loss_mask"][b, where], want != -100)
             np.testing.assert_array_equal(rows["labels"][b, where], np.where(want != -100, want, 0))
             # The j-th <|image_pad|> of an example stands for its image patch rows 4j..4j+3 (HF's scatter
-            # order, REFERENCE 8.1), likewise for videos; vision_index must point there inside the row.
+            # order), likewise for videos; vision_index must point there inside the row.
             for token, base in ((IMG, 10_000 * i), (VID, 10_000 * i + 5_000)):
                 pads = where[ids[where] == token]
                 got = rows["patches"][b, (4 * vix[pads])[:, None] + np.arange(4), 0]

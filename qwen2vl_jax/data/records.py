@@ -1,5 +1,5 @@
-"""Conversation records: the JSONL training format of DESIGN.md and the qwen-vl-utils content-list form,
-brought to one canonical shape, with errors that name the file and line.
+"""Conversation records: the JSONL training format (docs/design.md, "Data format") and the qwen-vl-utils
+content-list form, brought to one canonical shape, with errors that name the file and line.
 
 Two forms are accepted per message and may be mixed within a record:
 
@@ -165,7 +165,7 @@ def _split_item(item, where: str) -> list[dict]:
         raise ValueError(f"{where}: expected an object such as {{\"type\": \"text\", \"text\": ...}}, "
                          f"got {_short(item)}")
     kind = item.get("type")
-    # Same precedence as the chat template (REFERENCE 4.3): image, then video, then text.
+    # Same precedence as the chat template: image, then video, then text.
     if kind == "image" or "image" in item or "image_url" in item:
         source = _first(item, "image", "image_url", "path", "url")
         if isinstance(source, dict):  # OpenAI style {"image_url": {"url": ...}}

@@ -6,7 +6,7 @@ which side a shape is on; for two images, which holds more shapes; for videos (l
 a shape moves. Text-only questions count the colours in a written list. Everything is deterministic from the
 seed: example i of a split depends only on (seed, split, i).
 
-Written as the JSONL format of DESIGN.md (paths relative to the file), with two extra keys the reader ignores:
+Written as the JSONL training format (paths relative to the file), with two extra keys the reader ignores:
 `id`, and `meta` (task and ground truth) for per-task scores.
 """
 

@@ -1,6 +1,7 @@
 """Videos: frame sampling and per-video pixel budgets with the qwen-vl-utils defaults, then the reference
-processor's video path (REFERENCE 3.4): one `smart_resize` for all frames, PIL bicubic on uint8, CLIP
-normalisation, odd frame counts padded with the last frame, frames 2k and 2k+1 in temporal patch k.
+processor's video path (docs/design.md, "Image and video processing"): one `smart_resize` for all frames,
+PIL bicubic on uint8, CLIP normalisation, odd frame counts padded with the last frame, frames 2k and 2k+1 in
+temporal patch k.
 
 The reference for the pixels is the PIL ("slow") path of transformers 4.57 (`Qwen2VLImageProcessor(videos=...)`);
 its torchvision video processor resizes with antialiased bicubic and cannot be bit-identical to any PIL resize.

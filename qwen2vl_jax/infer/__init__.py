@@ -1,4 +1,4 @@
-"""Generation: KV cache, jitted prefill and decode loop, sampling, batch generation (DESIGN.md `infer/`)."""
+"""Generation: KV cache, jitted prefill and decode loop, sampling, batch generation."""
 
 from __future__ import annotations
 

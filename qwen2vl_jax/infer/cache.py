@@ -1,6 +1,6 @@
 """The decoding KV cache and the shape buckets that keep the number of compiled programs small.
 
-The cache is the pair (k, v), each (layers, B, S, Hkv, Dh), holding post-rotary keys (REFERENCE 8.3). Its
+The cache is the pair (k, v), each (layers, B, S, Hkv, Dh), holding post-rotary keys. Its
 logical axes (`model.text.CACHE_AXES`) put `batch` on the data axes and `kv_heads` on the tensor axis, the
 same split as the k/v projections, so each device keeps the cache of its own rows and heads and the decode
 step needs no cache traffic between devices.

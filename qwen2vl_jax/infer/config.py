@@ -1,7 +1,7 @@
 """Generation settings: the fields of a Hugging Face `generation_config.json` that this decoder implements.
 
 Defaults are transformers' `GenerationConfig` defaults (so `do_sample=True` alone means temperature 1,
-top-k 50, as in HF). The published Qwen2-VL checkpoints ship their own values (REFERENCE 4.4: eos
+top-k 50, as in HF). The published Qwen2-VL checkpoints ship their own values (eos
 [151645, 151643], temperature 0.1, top_k 1, top_p 0.001, repetition_penalty 1.05); `from_pretrained` reads them.
 """
 
@@ -70,6 +70,17 @@ class GenerationConfig:
         kw = {k: v for k, v in d.items() if k in fields and v is not None}
         kw.update(overrides)
         return cls.create(**kw)
+
+    def save_pretrained(self, path: str, bos_token_id: int | None = None) -> None:
+        """Write `generation_config.json`: transformers' `generate()` then decodes as this config does."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        eos = list(self.eos_token_id)
+        d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+        if bos_token_id is not None:
+            d["bos_token_id"] = bos_token_id
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
 
 
 def _ids(x) -> tuple[int, ...]:

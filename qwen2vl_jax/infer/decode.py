@@ -5,7 +5,7 @@ writing its keys/values at cache slots 0..L-1, and returns the logits of the las
 `lax.while_loop` on the device: one token per iteration, no host round trip, and it stops as soon as every
 row has produced an EOS.
 
-M-RoPE during decoding (REFERENCE 8.3): generated token k of row b sits at slot L + k and gets position
+M-RoPE during decoding (docs/design.md, "Position ids"): generated token k of row b sits at slot L + k and gets position
 `next_pos[b] + k` in all three streams, where next_pos = max prompt position + 1. This equals transformers'
 `cache_position + rope_delta`.
 """

@@ -1,6 +1,6 @@
 """Scoring a checkpoint on a JSONL set: prompts from records, batched generation, answer metrics.
 
-A record is a conversation in the DESIGN.md data format; its last assistant turn is the reference answer and
+A record is a conversation in the training data format; its last assistant turn is the reference answer and
 everything before it is the prompt. Optional fields: `"answers": [...]`, further references (e.g. the ten
 human answers of VQAv2); `"id"`, the example's name in the predictions; `"meta": {"task": ...}`, a task
 name for per-task scores (the generated demo set has one).

@@ -1,6 +1,6 @@
 """Batch generation on the host side: HF-style prompt -> bucketed device arrays -> prefill -> decode loop.
 
-The host does the ragged work (DESIGN.md): each prompt batch is left-padded to a length bucket, its vision
+The host does the ragged work: each prompt batch is left-padded to a length bucket, its vision
 patches to a patch bucket, and the batch to a multiple of the mesh's data shards, so an evaluation over
 thousands of prompts compiles a few prefill and decode programs. Padding rows and slots carry segment id 0
 and never reach a real token's attention.

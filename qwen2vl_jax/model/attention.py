@@ -1,7 +1,7 @@
 """One attention entry point: segment ids + a causal flag -> softmax(QK^T * scale) V.
 
 Every attention in the model goes through `attention`:
-- the ViT: non-causal, one segment per image and per temporal slice (block-diagonal, REFERENCE 2.5);
+- the ViT: non-causal, one segment per image and per temporal slice (block-diagonal, as the reference);
 - the LLM: causal within packed examples, padding = segment 0;
 - cached decoding: queries at cache slots `q_index` against all cache slots, causal by slot index.
 

@@ -1,6 +1,6 @@
 """Small building blocks shared by the vision tower and the LLM: Dense with logical axes, norms in f32.
 
-Norm numerics follow the reference exactly (REFERENCE 12.10-12.11): LayerNorm computes everything,
+Norm numerics follow the reference exactly (docs/design.md, "Numerics"): LayerNorm computes everything,
 the affine part included, in f32 and casts the result; RMSNorm normalises in f32, casts to the activation
 dtype, then multiplies by the weight.
 """

@@ -1,6 +1,6 @@
 """The whole model: vision tower -> merged tokens gathered into the text embeddings -> LLM -> logits.
 
-`Qwen2VLModule` is the pure Linen module over the packed batch format (DESIGN.md). Vision outputs reach the
+`Qwen2VLModule` is the pure Linen module over the packed batch format (docs/design.md). Vision outputs reach the
 text through `vision_index` (host-built), so no Python loop over images runs inside jit.
 """
 
@@ -38,7 +38,7 @@ class Qwen2VLModule(nn.Module):
         return self.visual(patches, patch_segment_ids, patch_positions)
 
     def embed(self, input_ids, vision_tokens=None, vision_index=None):
-        """Token embeddings with merged vision tokens written where `vision_index >= 0` (REFERENCE 8.1)."""
+        """Token embeddings with merged vision tokens written where `vision_index >= 0` (the reference's order)."""
         x = self.model.embed(input_ids)
         if vision_tokens is None:
             return x
@@ -57,6 +57,9 @@ class Qwen2VLModule(nn.Module):
         if batch.get("patches") is not None:
             vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"])
         x = self.embed(batch["input_ids"], vision, batch.get("vision_index"))
+        # Padding slots (segment 0) enter as zeros whatever their ids: an id outside the vocabulary embeds to
+        # NaN, and masked attention weighs a padded key by an exact 0, which 0 * NaN would still poison.
+        x = jnp.where((batch["segment_ids"] != 0)[..., None], x, 0)
         return self.model(x, batch["positions"], batch["segment_ids"], cache, kv_segment_ids, cache_index)
 
     def __call__(self, batch, cache=None, kv_segment_ids=None, cache_index=None):

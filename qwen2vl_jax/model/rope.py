@@ -1,4 +1,5 @@
-"""Rotary maths on the device: 2D RoPE for the ViT (REFERENCE 2.4) and M-RoPE for the LLM (REFERENCE 6).
+"""Rotary maths on the device: 2D RoPE for the ViT and M-RoPE for the LLM (docs/design.md, "Vision tower" and
+"Language model").
 
 Both use the rotate-half (NeoX) convention. The host-side position ids live in `qwen2vl_jax.positions`.
 """
@@ -33,7 +34,7 @@ def vision_cos_sin(patch_positions, head_dim: int, theta: float):
 
 
 def apply_vision_rotary(x, cos, sin):
-    """x (B, P, H, Dh): rotated in f32 and cast back (REFERENCE 12.7)."""
+    """x (B, P, H, Dh): rotated in f32 and cast back, as the reference."""
     x32 = x.astype(jnp.float32)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return (x32 * c + rotate_half(x32) * s).astype(x.dtype)
@@ -42,7 +43,7 @@ def apply_vision_rotary(x, cos, sin):
 def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype):
     """positions (3, B, L) t/h/w -> cos, sin (B, L, head_dim) in the activation dtype.
 
-    Rotary pair i takes its angle from stream t for i < s0, h for i < s0+s1, w after (REFERENCE 6);
+    Rotary pair i takes its angle from stream t for i < s0, h for i < s0+s1, w after;
     the duplicated second half uses the same mapping.
     """
     f = inv_freq(head_dim, theta)                                        # (head_dim/2,)
@@ -54,6 +55,6 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype):
 
 
 def apply_rotary(x, cos, sin):
-    """x (B, L, H, Dh) in the activation dtype (REFERENCE 6: the LLM rotates in that dtype)."""
+    """x (B, L, H, Dh) in the activation dtype (the reference's LLM rotates in that dtype)."""
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return x * c + rotate_half(x) * s

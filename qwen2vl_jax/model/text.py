@@ -1,7 +1,7 @@
-"""The Qwen2 decoder with M-RoPE (REFERENCE 5, 6): GQA with biased q/k/v, RMSNorm, SwiGLU.
+"""The Qwen2 decoder with M-RoPE (docs/design.md, "Language model"): GQA with biased q/k/v, RMSNorm, SwiGLU.
 
 Layers run under `nn.scan`, so compile time does not grow with depth. A KV cache, when given, is a pair of
-arrays (layers, B, S, Hkv, Dh) scanned alongside the layers; keys are stored after rotation (REFERENCE 8.3).
+arrays (layers, B, S, Hkv, Dh) scanned alongside the layers; keys are stored after rotation.
 """
 
 from __future__ import annotations

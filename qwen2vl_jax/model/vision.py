@@ -1,4 +1,4 @@
-"""The vision tower: patch embedding, 2D-RoPE ViT blocks, and the 2x2 PatchMerger (REFERENCE 2).
+"""The vision tower: patch embedding, 2D-RoPE ViT blocks, and the 2x2 PatchMerger (docs/design.md, "Vision tower").
 
 Input is one packed row per batch entry: `patches` (B, P, 1176) with `patch_segment_ids` (B, P) (one segment
 per image and temporal slice, 0 = padding) and `patch_positions` (B, P, 2). Output is (B, P/4, D) merged
@@ -31,7 +31,7 @@ class VisionBlock(nn.Module):
         b, p, e = x.shape
         h = LayerNorm(name="norm1", axis_name="vit_norm", **kw)(x)
         qkv = dense(3 * e, ("vit_embed", "vit_qkv"), use_bias=True, name="qkv", **kw)(h)
-        # The fused output splits as [q | k | v], heads contiguous inside each (REFERENCE 11.2).
+        # The fused output splits as [q | k | v], heads contiguous inside each.
         q, k, v = jnp.split(qkv.reshape(b, p, 3, c.num_heads, c.head_dim), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q = rope.apply_vision_rotary(q, cos, sin)
@@ -76,7 +76,7 @@ class VisionTower(nn.Module):
         c = self.config
         if patches.shape[1] % c.merge_unit:
             raise ValueError(f"patch budget P={patches.shape[1]} must be a multiple of {c.merge_unit}")
-        # REFERENCE 12.6: pixels are cast to the compute dtype before the patch embedding.
+        # As the reference: pixels are cast to the compute dtype before the patch embedding.
         x = dense(c.embed_dim, ("vit_patch", "vit_embed"), use_bias=False, name="patch_embed",
                   dtype=self.dtype, param_dtype=self.param_dtype)(patches.astype(self.dtype))
         x = nn.with_logical_constraint(x, ("batch", "patches", "vit_act"))

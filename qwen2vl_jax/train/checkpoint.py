@@ -180,8 +180,10 @@ class _Gathered:
         return a.astype(dtype or self.dtype)
 
 
-def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "float32") -> None:
-    """HF safetensors + config.json of `params` (loads in transformers and `load_pretrained`)."""
+def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "float32", processor=None,
+              generation=None) -> None:
+    """A complete HF checkpoint of `params` (`hf.save_params` + `hf.save_processing`): loads in transformers
+    and `load_pretrained`."""
     import shutil
     import tempfile
 
@@ -192,6 +194,7 @@ def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "floa
     lazy = jax.tree.map(lambda x: _Gathered(x, np_dtype), params)
     # Every process must read every tensor (the gathers are collective); only process 0 keeps the files.
     target = path if jax.process_index() == 0 else tempfile.mkdtemp()
+    hf.save_processing(config, target, processor, generation)   # checks the processor before the weights
     hf.save_params(lazy, config, target)
     if target != path:
         shutil.rmtree(target, ignore_errors=True)

@@ -19,7 +19,7 @@ from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader, read_
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
-REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer (REFERENCE 4.1); smaller models use a byte tokenizer
+REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer; smaller models use a byte tokenizer
 AUTO_SAMPLE = 10_000  # examples measured for data.buckets: auto when data.check is 0
 
 
@@ -36,6 +36,15 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     if config.text.vocab_size >= REAL_VOCAB:
         return Processor.default(**kw)
     return Processor.from_config(config, **kw)
+
+
+def generation(cfg: RunConfig):
+    """The generation settings of the checkpoint the run started from (its generation_config.json), or None."""
+    from qwen2vl_jax.infer.config import GenerationConfig
+    for path in (cfg.init_from, cfg.model):
+        if path and os.path.isfile(os.path.join(path, "generation_config.json")):
+            return GenerationConfig.from_pretrained(path)
+    return None
 
 
 def train_files(cfg: RunConfig) -> str:

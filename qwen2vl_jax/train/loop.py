@@ -266,8 +266,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     # -- export
     if cfg.export_hf and step == cfg.steps and "stopped" not in summary:
         out = os.path.join(cfg.workdir, "hf")
-        checkpoint.export_hf(state.params, config, out, cfg.export_dtype)
-        log(f"exported HF safetensors to {out}")
+        checkpoint.export_hf(state.params, config, out, cfg.export_dtype, processor=data_lib.processor(cfg, config),
+                             generation=data_lib.generation(cfg))
+        log(f"exported the HF checkpoint to {out}")
     ckpts.close()
     losses = [l for _, l in summary.pop("losses")]
     summary.update(end_step=step, wall_time=time.perf_counter() - t_start,
