@@ -469,8 +469,8 @@ class ParquetSource(Source):
         self._groups: list[np.ndarray] = []      # per file: the end row of each row group
         self._columns: list[list[str]] = []
         for f, path in enumerate(self.files):
-            meta = self._file(f, keep=False).metadata
-            names = meta.schema.names
+            pf = self._file(f, keep=False)
+            meta, names = pf.metadata, pf.schema_arrow.names
             if "messages" not in names:
                 raise SourceError(f"{path}: no 'messages' column (columns: {', '.join(names)}); shards need "
                                   "'messages' and, for media, 'images' / 'videos' columns")
