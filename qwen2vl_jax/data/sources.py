@@ -424,10 +424,14 @@ class ArrayRecordSource(Source):
             from array_record.python.array_record_module import ArrayRecordReader
             path = self.files[f]
             try:
-                reader = self._readers[f] = ArrayRecordReader(storage.abspath(path), self.OPTIONS)
+                reader = ArrayRecordReader(storage.abspath(path), self.OPTIONS)
+                problem = None if reader.ok() else "truncated, or not ArrayRecord"
             except Exception as e:   # the C++ reader raises plain RuntimeError/ValueError with riegeli's text
-                raise SourceError(f"{path}: not a readable ArrayRecord shard ({e}); re-create it with "
-                                  "python -m qwen2vl_jax.data.convert") from None
+                problem = str(e)
+            if problem:
+                raise SourceError(f"{path}: not a readable ArrayRecord shard ({problem}); re-create it with "
+                                  "python -m qwen2vl_jax.data.convert")
+            self._readers[f] = reader
         return reader
 
     def _close(self) -> None:

@@ -8,6 +8,7 @@ import os
 import jax
 from jax.sharding import Mesh
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data import Processor
 from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
@@ -32,8 +33,9 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     return Processor.from_config(config, **kw)
 
 
-def train_files(cfg: RunConfig) -> str:
-    """The JSONL path(s) to train on; "synthetic" generates the demo set first (once; it is reused)."""
+def train_files(cfg: RunConfig):
+    """The data to train on (files or a mixture, `pipeline.components`); "synthetic" generates the demo set
+    first (once; it is reused)."""
     if cfg.data.train != "synthetic":
         return cfg.data.train
     from qwen2vl_jax.data import synthetic
@@ -63,5 +65,6 @@ def make_source(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, seed_offset: 
     pipeline = PipelineConfig(
         buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=n, window=cfg.data.window,
         seed=cfg.seed + seed_offset, workers=cfg.data.workers, skip_budget=cfg.data.skip_budget,
-        truncate=cfg.data.truncate, shard_index=start // n, shard_count=cfg.data.batch_size // n)
+        truncate=cfg.data.truncate, shard_index=start // n, shard_count=cfg.data.batch_size // n,
+        index_dir=storage.join(cfg.workdir, "data_index"))
     return make_loader(train_files(cfg), processor(cfg, config), config, pipeline)
