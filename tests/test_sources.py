@@ -247,3 +247,28 @@ def test_hf_style_rows_with_content_lists_and_paths(tmp_path):
     assert src[1].images[0]["image"] == str(tmp_path / "red.png")
     for k in embedded:
         np.testing.assert_array_equal(embedded[k], by_path[k])
+
+
+def test_sources_read_from_a_bucket(data, tmp_path):
+    """JSONL (with its index) and Parquet shards from a URL (fsspec's in-memory store stands in for gs://)."""
+    import fsspec
+    specs, proc = data
+    fs, url = fsspec.filesystem("memory"), "memory://qv-sources"
+    text = _text_jsonl(tmp_path / "text.jsonl", 12, "t")
+    shard = sources.expand(specs["parquet"])[0]
+    fs.pipe_file(f"{url}/text.jsonl", open(text, "rb").read())
+    fs.pipe_file(f"{url}/shard.parquet", open(shard, "rb").read())
+    try:
+        remote, local = sources.open_source(f"{url}/text.jsonl"), sources.open_source(text)
+        assert fs.exists(f"{url}/text.jsonl.idx")
+        assert [r.messages for r in (remote[i] for i in range(12))] == [local[i].messages for i in range(12)]
+        remote, local = sources.open_source(f"{url}/shard.parquet"), sources.open_source(shard)
+        assert len(remote) == len(local)
+        for i in range(len(local)):
+            assert remote[i].messages == local[i].messages and remote[i].source.startswith(url)
+        with pytest.raises(DataError, match="the array_record reader opens local files only"):
+            sources.open_source(f"{url}/x.array_record")
+        with make_loader(f"{url}/shard.parquet", proc, CFG, BASE) as a, make_loader(shard, proc, CFG, BASE) as b:
+            _assert_same(_take(a, 3), _take(b, 3))
+    finally:
+        fs.rm(url, recursive=True)

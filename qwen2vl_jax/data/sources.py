@@ -11,8 +11,8 @@ processes receive a few paths (pickled) instead of a copy of every record.
   Random access reads one row group (cached per process), so shards meant for shuffled reading should have
   small row groups (the converter writes 100 rows per group).
 
-Every path may be a URL (`gs://...`) read through `qwen2vl_jax.storage`; ArrayRecord shards are opened by the
-array_record C++ reader, which takes local paths.
+JSONL and Parquet paths may be URLs (`gs://...`), read through `qwen2vl_jax.storage` with ranged reads;
+ArrayRecord shards are opened by the array_record C++ reader, which takes local paths.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def fingerprint(path: str) -> dict:
         st = os.stat(storage.abspath(path))
         return {"size": st.st_size, "version": st.st_mtime_ns}
     info = fs.info(path)
-    version = next((info[k] for k in ("generation", "etag", "ETag", "md5Hash", "mtime", "LastModified", "updated")
+    version = next((info[k] for k in ("generation", "etag", "ETag", "md5Hash", "mtime", "LastModified", "updated",
+                                             "created")
                     if info.get(k) is not None), None)
     return {"size": int(info["size"]), "version": str(version)}
 
@@ -412,6 +413,11 @@ class ArrayRecordSource(Source):
 
     def __init__(self, files: Sequence[str]):
         self.files = list(files)
+        remote = [f for f in self.files if storage.is_url(f)]
+        if remote:
+            raise DataError(f"{remote[0]}: the array_record reader opens local files only; mount the bucket "
+                            "(e.g. gcsfuse) and give the local path, or convert to Parquet, which is read from "
+                            "buckets directly")
         self._readers: dict[int, Any] = {}
         self._set_counts([self._reader(f).num_records() for f in range(len(self.files))])
         self._close()
