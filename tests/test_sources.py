@@ -272,3 +272,17 @@ def test_sources_read_from_a_bucket(data, tmp_path):
             _assert_same(_take(a, 3), _take(b, 3))
     finally:
         fs.rm(url, recursive=True)
+
+
+def test_an_index_kept_in_memory_travels_to_workers(tmp_path, monkeypatch):
+    path = _text_jsonl(tmp_path / "d.jsonl", 5, "x")
+
+    def read_only(where, blob):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(sources.storage, "write_bytes", read_only)
+    src = sources.JsonlSource([path])
+    assert src._index_files == [""]
+    clone = sources.JsonlSource.__new__(sources.JsonlSource)
+    clone.__setstate__(src.__getstate__())
+    assert [clone[i].source for i in range(5)] == [f"{path}:{n}" for n in range(1, 6)]

@@ -28,7 +28,7 @@ import numpy as np
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data.packing import (Bucket, PackingError, PreparedExample, StreamingPacker, parse_buckets,
                                       prepare_example, write_rows)
-from qwen2vl_jax.data.records import DataError
+from qwen2vl_jax.data.records import DataError, read_jsonl
 from qwen2vl_jax.data.sources import Skipped, open_source
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,21 @@ def components(data) -> list[Component]:
     labels = [c.label for c in out]
     if len(set(labels)) != len(labels):
         raise DataError(f"mixture components need distinct paths or names, got {labels}")
+    return out
+
+
+def read_records(paths: str | Sequence[str]) -> list:
+    """All records of the JSONL files in one list, unreadable lines as `Skipped` entries. For small files and
+    whole-set checks only: the loader reads records by random access (`sources.py`) and never holds this list."""
+    paths = [p for p in (paths.split(",") if isinstance(paths, str) else paths) if p]
+    out: list = []
+    for path in paths:
+        def on_error(e: DataError):
+            source, _, reason = str(e).partition(": ")
+            out.append(Skipped(source, reason))
+        out.extend(read_jsonl(path, on_error=on_error))
+    if not out:
+        raise DataError(f"no records in {', '.join(paths) or 'the (empty) list of data files'}")
     return out
 
 

@@ -245,14 +245,18 @@ class JsonlSource(Source):
 
     def __getstate__(self):   # workers reopen the (memory-mapped) indices instead of receiving a copy
         return {"files": self.files, "index_dir": self.index_dir, "index_files": self._index_files,
-                "prints": self._prints}
+                "prints": self._prints,
+                "unsaved": [None if where else np.asarray(e) for e, where in zip(self._entries, self._index_files)]}
 
     def __setstate__(self, state):
         self.files, self.index_dir = state["files"], state["index_dir"]
         self._index_files, self._prints = state["index_files"], state["prints"]
         self._entries = []
-        for f, where, fp in zip(self.files, self._index_files, self._prints):
-            header = _read_header(where) if where else None
+        for f, where, fp, unsaved in zip(self.files, self._index_files, self._prints, state["unsaved"]):
+            if unsaved is not None:    # an index nowhere writable travels with the source
+                self._entries.append(unsaved)
+                continue
+            header = _read_header(where)
             if header is None or header.get("file") != fp:
                 raise SourceError(f"{f}: its index {where or '(in memory)'} changed or vanished after the run "
                                   "opened it; do not modify data files or their .idx files during a run")
@@ -481,6 +485,7 @@ class ParquetSource(Source):
         for f, path in enumerate(self.files):
             pf = self._file(f, keep=False)
             meta, names = pf.metadata, pf.schema_arrow.names
+            pf.close()
             if "messages" not in names:
                 raise SourceError(f"{path}: no 'messages' column (columns: {', '.join(names)}); shards need "
                                   "'messages' and, for media, 'images' / 'videos' columns")
