@@ -286,3 +286,31 @@ def test_an_index_kept_in_memory_travels_to_workers(tmp_path, monkeypatch):
     clone = sources.JsonlSource.__new__(sources.JsonlSource)
     clone.__setstate__(src.__getstate__())
     assert [clone[i].source for i in range(5)] == [f"{path}:{n}" for n in range(1, 6)]
+
+
+@pytest.mark.slow   # two train.py processes (compile twice): ~1-4 min on 2 loaded cores
+def test_train_on_a_mixture_logs_what_it_saw_and_resumes(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train, _ = synthetic.generate(str(tmp_path / "syn"), size=40, heldout_size=0, seed=2,
+                                  config=synthetic.SyntheticConfig.demo())
+    convert(train, str(tmp_path / "pq"), "parquet", shard_size=20, progress=False)
+    mixture = (f"data.train=[{{path: '{tmp_path}/pq/train-*.parquet', weight: 3, name: shards}}, "
+               f"{{path: '{train}', weight: 1, name: files}}]")
+    work = tmp_path / "run"
+
+    def run(steps):
+        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"workdir={work}", f"steps={steps}",
+                            "checkpoint_every=3", "progress=false", "export_hf=false", "data.batch_size=2",
+                            "data.window=8", mixture], env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run(3)
+    run(5)                                                 # resumes from step 3
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    totals = [r["seen/shards"] + r["seen/files"] for r in rows]
+    assert totals == sorted(totals) and totals[0] > 0       # counts carry across the resume
+    assert 0.65 < rows[-1]["seen/shards"] / totals[-1] < 0.85
