@@ -119,7 +119,7 @@ class Source:
 INDEX_DTYPE = np.dtype([("start", "<u8"), ("length", "<u4"), ("line", "<u4")])
 INDEX_MAGIC = b"QVJSONLIDX1"
 HEADER_BYTES = 4096           # the entries start here, so a local index can be memory-mapped as it is
-_SCAN_CHUNK = 16 << 20
+_SCAN_CHUNK = 8 << 20
 _WHITESPACE = np.zeros(256, bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -161,8 +161,7 @@ def build_index(path: str) -> np.ndarray:
                 ends = np.append(ends, len(buf))               # a last line without a newline
             if len(ends):
                 starts = np.concatenate([[0], ends[:-1]])
-                solid = np.concatenate([[0], np.cumsum(~_WHITESPACE[buf], dtype=np.int64)])
-                keep = solid[ends] > solid[starts]
+                keep = np.logical_or.reduceat(~_WHITESPACE[buf[:ends[-1]]], starts)   # any non-blank byte
                 entries = np.empty(int(keep.sum()), INDEX_DTYPE)
                 entries["start"] = starts[keep] + offset
                 entries["length"] = (ends - starts)[keep]
