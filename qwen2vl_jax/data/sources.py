@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import struct
@@ -109,9 +108,6 @@ class Source:
             raise IndexError(f"record {i} of a source of {len(self)}")
         f = bisect.bisect_right(self._ends, i)
         return f, i - (self._ends[f - 1] if f else 0)
-
-    def file_of(self, source: str) -> str:
-        return source.rpartition(":")[0]
 
 
 # -- JSONL with a byte-offset index -------------------------------------------------------------------------
