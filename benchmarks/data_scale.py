@@ -4,7 +4,8 @@ line into a list before the first step ("list", the reference); and loader examp
 embedded in shards against JSONL + image files (the same pictures).
 
 Each measurement runs in a fresh process (after its imports): `first_batch_s` is make_loader + the first
-batch; `extra_mb` is the peak PSS of that process and its workers together (proportional set size: pages
+batch (`first_batch_cpu_s`: the CPU time of the training process for it, which the machine's load changes
+less); `extra_mb` is the peak PSS of that process and its workers together (proportional set size: pages
 shared between processes, such as the memory-mapped index, count once) minus the PSS before make_loader.
 
     python benchmarks/data_scale.py [--sizes 1000 100000 1000000] [--workers 0 8] [--dir /tmp/qv_data_scale]
@@ -127,17 +128,17 @@ def child(fmt: str, spec: str, workers: int) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loader = (list_loader if fmt == "list" else make_loader)(spec, proc, config, pipeline)
     next(loader)
-    first = time.perf_counter() - t0
+    first, cpu = time.perf_counter() - t0, time.process_time() - c0
     for _ in range(3):     # a few more batches: workers are running and hold what they hold
         next(loader)
     peak.append(pss_mb(tree(os.getpid())))
     done.set()
     sampler.join()
     loader.close()
-    return {"first_batch_s": round(first, 2), "extra_mb": round(max(peak) - base, 1), "base_mb": round(base, 1)}
+    return {"first_batch_s": round(first, 2), "first_batch_cpu_s": round(cpu, 2), "extra_mb": round(max(peak) - base, 1), "base_mb": round(base, 1)}
 
 
 def measure(fmt: str, spec: str, workers: int) -> dict:

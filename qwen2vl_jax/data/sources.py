@@ -418,8 +418,7 @@ class ArrayRecordSource(Source):
                             "(e.g. gcsfuse) and give the local path, or convert to Parquet, which is read from "
                             "buckets directly")
         self._readers: dict[int, Any] = {}
-        self._set_counts([self._reader(f).num_records() for f in range(len(self.files))])
-        self._close()
+        self._set_counts([self._reader(f).num_records() for f in range(len(self.files))])   # kept open for reading
         if not len(self):
             raise DataError(f"no records in {', '.join(self.files)}")
 
@@ -438,11 +437,6 @@ class ArrayRecordSource(Source):
                                   "python -m qwen2vl_jax.data.convert")
             self._readers[f] = reader
         return reader
-
-    def _close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers = {}
 
     def __getstate__(self):
         return {"files": self.files, "_ends": self._ends}
