@@ -471,22 +471,21 @@ class ParquetSource(Source):
         self.files = list(files)
         self._groups: list[np.ndarray] = []      # per file: the end row of each row group
         self._columns: list[list[str]] = []
+        self._open, self._cache = {}, {}
         for f, path in enumerate(self.files):
-            pf = self._file(f, keep=False)
+            pf = self._file(f)      # kept open: shuffled reading soon touches every shard
             meta, names = pf.metadata, pf.schema_arrow.names
-            pf.close()
             if "messages" not in names:
                 raise SourceError(f"{path}: no 'messages' column (columns: {', '.join(names)}); shards need "
                                   "'messages' and, for media, 'images' / 'videos' columns")
             self._columns.append([c for c in self.COLUMNS if c in names])
             self._groups.append(np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)]))
         self._set_counts([int(g[-1]) if len(g) else 0 for g in self._groups])
-        self._open, self._cache = {}, {}
         if not len(self):
             raise DataError(f"no records in {', '.join(self.files)}")
 
-    def _file(self, f: int, keep: bool = True):
-        pf = getattr(self, "_open", {}).get(f)
+    def _file(self, f: int):
+        pf = self._open.get(f)
         if pf is not None:
             return pf
         import pyarrow.parquet as pq
@@ -495,8 +494,7 @@ class ParquetSource(Source):
             pf = pq.ParquetFile(storage.open(path, "rb") if storage.is_url(path) else storage.abspath(path))
         except Exception as e:   # pyarrow.ArrowInvalid / OSError for a truncated or non-Parquet file
             raise SourceError(f"{path}: not a readable Parquet file ({e}); re-create the shard") from None
-        if keep:
-            self._open[f] = pf
+        self._open[f] = pf
         return pf
 
     def __getstate__(self):
