@@ -93,6 +93,8 @@ def components(data) -> list[Component]:
     return out
 
 
+# -- records to prepared examples ------------------------------------------------------------------------
+
 def read_records(paths: str | Sequence[str]) -> list:
     """All records of the JSONL files in one list, unreadable lines as `Skipped` entries. For small files and
     whole-set checks only: the loader reads records by random access (`sources.py`) and never holds this list."""
