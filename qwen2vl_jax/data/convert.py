@@ -83,16 +83,20 @@ def parquet_schema():
 class ShardWriter:
     """Writes rows to one local shard file of either format."""
 
-    def __init__(self, path: str, fmt: str, row_group_size: int):
-        self.path, self.fmt, self.row_group_size = path, fmt, row_group_size
+    def __init__(self, path: str, fmt: str, row_group_size: int, row_group_bytes: int = 1 << 20):
+        self.path, self.fmt = path, fmt
+        self.row_group_size, self.row_group_bytes = row_group_size, row_group_bytes
         if fmt == "array_record":
             from array_record.python.array_record_module import ArrayRecordWriter
             self._writer = ArrayRecordWriter(path, "group_size:1")   # one record per chunk: random access
         else:
             import pyarrow.parquet as pq
             self._schema = parquet_schema()
-            self._writer = pq.ParquetWriter(path, self._schema, compression="zstd")
+            # No column statistics: nothing filters on them, and min/max of image bytes would bloat the footer,
+            # which every reader process holds in memory for every shard.
+            self._writer = pq.ParquetWriter(path, self._schema, compression="zstd", write_statistics=False)
             self._rows: list[dict] = []
+            self._bytes = 0
 
     def write(self, row: dict) -> None:
         if self.fmt == "array_record":
@@ -101,15 +105,19 @@ class ShardWriter:
         self._rows.append({"messages": row["messages"],
                            "images": [{k: e[k] for k in ("bytes", "path", "settings")} for e in row["images"]],
                            "videos": row["videos"]})
-        if len(self._rows) >= self.row_group_size:
+        self._bytes += sum(len(e["bytes"] or b"") + sum(map(len, e.get("frames") or []))
+                           for e in row["images"] + row["videos"]) + sum(len(m["content"]) for m in row["messages"])
+        # A row group is the unit of a random read, and each costs footer metadata in every reader: groups of
+        # about `row_group_bytes` keep both small (a few images, or a thousand text records).
+        if len(self._rows) >= self.row_group_size or self._bytes >= self.row_group_bytes:
             self._flush()
 
     def _flush(self) -> None:
         import pyarrow as pa
         if self._rows:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema),
-                                     row_group_size=self.row_group_size)
-            self._rows = []
+                                     row_group_size=len(self._rows))
+            self._rows, self._bytes = [], 0
 
     def close(self) -> None:
         if self.fmt != "array_record":
@@ -118,7 +126,8 @@ class ShardWriter:
 
 
 def convert(inputs: str, out: str, fmt: str = "parquet", shard_size: int = 10_000, name: str = "train",
-            row_group_size: int = 100, skip_bad: bool = False, progress: bool = True) -> list[str]:
+            row_group_size: int = 1000, row_group_mb: float = 1.0, skip_bad: bool = False,
+            progress: bool = True) -> list[str]:
     """Converts JSONL file(s) to shards under `out`; returns the shard paths. Bad records stop the conversion
     with their file:line, or with `skip_bad` are reported and left out."""
     if fmt not in EXTENSIONS:
@@ -135,7 +144,7 @@ def convert(inputs: str, out: str, fmt: str = "parquet", shard_size: int = 10_00
     with tempfile.TemporaryDirectory() as tmp:
         for s, path in enumerate(paths):
             local = os.path.join(tmp, storage.basename(path)) if storage.is_url(path) else path
-            writer = ShardWriter(local, fmt, row_group_size)
+            writer = ShardWriter(local, fmt, row_group_size, int(row_group_mb * (1 << 20)))
             for i in range(s * shard_size, min(len(source), (s + 1) * shard_size)):
                 record = source[i]
                 try:
@@ -166,15 +175,16 @@ def main(argv=None) -> None:
     p.add_argument("out", help="output directory (local or a bucket URL)")
     p.add_argument("--format", default="parquet", choices=sorted(EXTENSIONS))
     p.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
-    p.add_argument("--row-group-size", type=int, default=100,
-                   help="Parquet rows per row group: a random read costs one group, so keep it small")
+    p.add_argument("--row-group-size", type=int, default=1000, help="Parquet: at most this many rows per row group")
+    p.add_argument("--row-group-mb", type=float, default=1.0,
+                   help="Parquet: at most about this many MB per row group (a random read costs one group)")
     p.add_argument("--name", default="train", help="shard name prefix")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad records instead of stopping")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
-        paths = convert(a.inputs, a.out, a.format, a.shard_size, a.name, a.row_group_size, a.skip_bad,
-                        not a.no_progress)
+        paths = convert(a.inputs, a.out, a.format, a.shard_size, a.name, a.row_group_size, a.row_group_mb,
+                        a.skip_bad, not a.no_progress)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(paths)} shard(s): {paths[0]}" + (f" ... {paths[-1]}" if len(paths) > 1 else ""))
