@@ -308,12 +308,14 @@ def encode_row(row: dict) -> bytes:
     """A record in the shard row form (`row_to_record`) -> one ArrayRecord payload: magic, JSON header, then
     the media bytes, which the header addresses by (offset, length)."""
     blobs: list[bytes] = []
+    end = [0]
 
     def put(b):
         if b is None:
             return None
         blobs.append(bytes(b))
-        return [sum(map(len, blobs[:-1])), len(blobs[-1])]
+        end[0] += len(b)
+        return [end[0] - len(b), len(b)]
 
     header = {"messages": row["messages"]}
     for kind in ("images", "videos"):
