@@ -1,5 +1,7 @@
-"""The grain input pipeline: JSONL records -> this host's shard -> shuffle (reseeded every epoch) -> encode and
-prepare (processor + `prepare_example`, in worker processes when `workers > 0`) -> pack -> batches.
+"""The grain input pipeline: a random-access record source (JSONL via a byte-offset index, ArrayRecord or
+Parquet shards; `sources.py`) -> this host's shard -> shuffle (reseeded every epoch) -> [weighted mixture of
+several sources] -> encode and prepare (processor + `prepare_example`, in worker processes when `workers > 0`)
+-> pack -> batches.
 
 Every batch holds `batch_size` rows of one bucket shape (L, P) in the packed format (docs/design.md). The packer
 runs in the training process after the workers, so the batches do not depend on the number of workers, and
@@ -8,7 +10,7 @@ the examples read since then are still waiting. Restoring replays those few exam
 exactly the batches it would have seen (`get_state()` / `set_state()`, JSON-serialisable).
 
 Bad records (unreadable JSON, missing images, examples larger than every bucket) are skipped up to
-`skip_budget` per host: each is logged with its file:line and reason, counted in the state, and one more
+`skip_budget` per host: each is logged with its file:line (or shard:row) and reason, counted in the state, and one more
 than the budget stops the run with the list.
 """
 
@@ -27,6 +29,7 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data.packing import (Bucket, PackingError, PreparedExample, StreamingPacker, parse_buckets,
                                       prepare_example, write_rows)
 from qwen2vl_jax.data.records import DataError, read_jsonl
+from qwen2vl_jax.data.sources import Skipped, open_source
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class PipelineConfig:
     require_assistant: bool = True      # records without an assistant reply are bad (training); False: eval
     shard_index: int | None = None      # this host's shard; default jax.process_index()
     shard_count: int | None = None      # default jax.process_count()
+    index_dir: str = ""                 # where JSONL indices go when the data's own directory is not writable
 
 
 class SkipBudgetExceeded(DataError):
@@ -54,17 +58,46 @@ class SkipBudgetExceeded(DataError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Skipped:
-    """A record that could not become an example, travelling down the pipeline to be counted."""
-    source: str
-    reason: str
+class Component:
+    """One source of a weighted mixture: files (comma-separated paths and globs, one format) and its weight."""
+    path: str
+    weight: float = 1.0
+    name: str = ""            # how metrics and errors call it; default: the path
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+def components(data) -> list[Component]:
+    """A data spec -> mixture components. A string (comma-separated paths and globs) or a list of strings is
+    one source; a list of mappings `{path, weight[, name]}` (or `Component`s) is a weighted mixture."""
+    if isinstance(data, str) or (isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data)):
+        return [Component(data if isinstance(data, str) else ",".join(data))]
+    out = []
+    for i, item in enumerate(data, 1):
+        if isinstance(item, Component):
+            out.append(item)
+            continue
+        if not isinstance(item, dict) or not item.get("path") or not set(item) <= {"path", "weight", "name"}:
+            raise DataError(f"mixture component {i}: expected {{path: FILES, weight: W}} (optional name), got {item!r}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"mixture component {i} ({item['path']}): weight must be a positive number, got {weight!r}")
+        out.append(Component(str(item["path"]), float(weight), str(item.get("name") or "")))
+    if not out:
+        raise DataError("the data mixture has no components")
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        raise DataError(f"mixture components need distinct paths or names, got {labels}")
+    return out
 
 
 # -- records to prepared examples ------------------------------------------------------------------------
 
 def read_records(paths: str | Sequence[str]) -> list:
-    """All records of the JSONL files, in order; unreadable lines become `Skipped` entries so they are
-    counted where the shuffled stream meets them (once per host, like every other bad record)."""
+    """All records of the JSONL files in one list, unreadable lines as `Skipped` entries. For small files and
+    whole-set checks only: the loader reads records by random access (`sources.py`) and never holds this list."""
     paths = [p for p in (paths.split(",") if isinstance(paths, str) else paths) if p]
     out: list = []
     for path in paths:
@@ -268,16 +301,20 @@ def from_json(x):
 class Loader:
     """Iterator of packed batches (dicts of numpy arrays) with exact `get_state()` / `set_state()`.
 
-    `sources` holds the "file:line" of each example of the last batch (`example_index` indexes it);
-    `skipped` maps each bad record met so far to its reason.
+    `sources` holds the "file:line" (or "shard:row N") of each example of the last batch (`example_index`
+    indexes it); `skipped` maps each bad record met so far to its reason; `seen` counts the examples read from
+    each mixture component (by its label), so a run shows what the model has seen.
     """
 
-    def __init__(self, dataset: grain.IterDataset, config: PipelineConfig):
+    def __init__(self, dataset: grain.IterDataset, config: PipelineConfig,
+                 component_of: dict[str, str] | None = None):
         self.config = config
         self._it = dataset.__iter__()
+        self._component_of = component_of or {}   # data file -> component label
         self.sources: list[str] = []
         self.batches = 0
         self.examples = 0
+        self.seen = {label: 0 for label in dict.fromkeys(self._component_of.values())}
         self.pack_seconds = 0.0   # spent choosing rows and copying examples into batches (this process)
 
     def __iter__(self):
@@ -291,6 +328,10 @@ class Loader:
         self.pack_seconds += element["pack_seconds"]
         self.batches += 1
         self.examples += len(self.sources)
+        for source in self.sources:
+            label = self._component_of.get(source.rpartition(":")[0])
+            if label is not None:
+                self.seen[label] += 1
         return element["batch"]
 
     @property
@@ -301,13 +342,15 @@ class Loader:
         return self._closed_state if self._it is None else self._it.get_state()
 
     def get_state(self) -> dict:
-        return {"pipeline": to_json(self._pack_state()), "batches": self.batches, "examples": self.examples}
+        return {"pipeline": to_json(self._pack_state()), "batches": self.batches, "examples": self.examples,
+                "seen": dict(self.seen)}
 
     def set_state(self, state: dict) -> None:
         if self._it is None:
             raise ValueError("this loader was closed; make a new one to restore a state into")
         self._it.set_state(from_json(state["pipeline"]))
         self.batches, self.examples = state["batches"], state["examples"]
+        self.seen.update(state.get("seen", {}))
         self.sources = []
 
     def close(self) -> None:
@@ -324,13 +367,13 @@ class Loader:
         self.close()
 
 
-def make_loader(paths: str | Sequence[str], processor, config: Qwen2VLConfig | None = None,
+def make_loader(data, processor, config: Qwen2VLConfig | None = None,
                 pipeline: PipelineConfig | None = None) -> Loader:
-    """A `Loader` over JSONL files (a list, or one string of comma-separated paths)."""
+    """A `Loader` over data files (JSONL, ArrayRecord or Parquet: a list, or one string of comma-separated paths
+    and globs) or over a weighted mixture of such sources (a list of `{path, weight}`; `components`)."""
     config = config or Qwen2VLConfig()
     pipeline = pipeline or PipelineConfig()
     buckets = parse_buckets(pipeline.buckets)
-    records = read_records(paths)
     index, count = pipeline.shard_index, pipeline.shard_count
     if index is None or count is None:
         import jax
@@ -338,13 +381,22 @@ def make_loader(paths: str | Sequence[str], processor, config: Qwen2VLConfig | N
         count = jax.process_count() if count is None else count
     if not 0 <= index < count:
         raise ValueError(f"shard_index {index} is outside 0..{count - 1}")
-    if len(records) < count:
-        raise DataError(f"{len(records)} records cannot be split over {count} hosts; every host needs data")
 
-    ds = grain.MapDataset.source(records)[index::count]    # disjoint per host; the same split every epoch
-    if pipeline.shuffle:
-        ds = ds.shuffle(seed=pipeline.seed)               # reseeded per epoch by the repeat below
-    ds = ds.repeat(pipeline.num_epochs)
+    parts, component_of = [], {}
+    mixture = components(data)
+    for k, component in enumerate(mixture):
+        source = open_source(component.path, pipeline.index_dir)
+        if len(source) < count:
+            raise DataError(f"{component.label}: {len(source)} records cannot be split over {count} hosts; every "
+                            "host needs data")
+        component_of.update({f: component.label for f in source.files})
+        ds = grain.MapDataset.source(source)[index::count]   # disjoint per host; the same split every epoch
+        if pipeline.shuffle:
+            ds = ds.shuffle(seed=pipeline.seed + 7919 * k)     # reseeded per epoch by the repeat below
+        parts.append(ds.repeat(pipeline.num_epochs))
+    # A mixture interleaves its components deterministically in proportion to the weights (grain's
+    # MapDataset.mix), so the mixed stream is a pure function of the step and resumes exactly.
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [c.weight for c in mixture])
     ds = ds.map(Encode(processor, config, buckets, pipeline.truncate, pipeline.require_assistant))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if pipeline.workers > 0:
@@ -355,7 +407,7 @@ def make_loader(paths: str | Sequence[str], processor, config: Qwen2VLConfig | N
                          skip_budget=pipeline.skip_budget)
     if pipeline.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=pipeline.prefetch)
-    return Loader(it, pipeline)
+    return Loader(it, pipeline, component_of if len(mixture) > 1 else None)
 
 
 def _mark_flags_parsed() -> None:

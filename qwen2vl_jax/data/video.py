@@ -10,6 +10,7 @@ Video files (mp4, webm, ...) are decoded with PyAV when it is installed (`pip in
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -66,40 +67,51 @@ def frame_budget(nframes: int, min_pixels: int, max_pixels: int, total_pixels: i
     return min(max_pixels, budget)
 
 
-def read_video(path: str, indices=None) -> tuple[np.ndarray, float]:
-    """Decode a video file with PyAV: (T, H, W, 3) uint8 frames (only `indices`, if given) and its frame rate."""
-    av = _import_av(path)
+def read_video(path: str | bytes, indices=None) -> tuple[np.ndarray, float]:
+    """Decode a video file (or its bytes, as embedded in a data shard) with PyAV: (T, H, W, 3) uint8 frames
+    (only `indices`, if given) and its frame rate."""
+    av = _import_av(_name(path))
     total, fps = probe_video(path)
     keep = None if indices is None else {int(i) for i in indices}
     frames = []
     try:
-        with av.open(path) as container:
+        with av.open(_input(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if keep is None or i in keep:
                     frames.append(frame.to_ndarray(format="rgb24"))
     except av.error.FFmpegError as e:
-        raise ValueError(f"{path}: unreadable video ({e})") from None
+        raise ValueError(f"{_name(path)}: unreadable video ({e})") from None
     if keep is not None and len(frames) < len(keep):
-        raise ValueError(f"{path}: {total} frames were demuxed but fewer decoded; re-encode the video")
+        raise ValueError(f"{_name(path)}: {total} frames were demuxed but fewer decoded; re-encode the video")
     return (np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)), fps
 
 
-def probe_video(path: str) -> tuple[int, float]:
-    """(frame count, frames per second) of a video file. Frames are counted by demuxing, not read from the
-    header, because container headers often hold estimates."""
-    if not os.path.isfile(path):
+def probe_video(path: str | bytes) -> tuple[int, float]:
+    """(frame count, frames per second) of a video file or its bytes. Frames are counted by demuxing, not read
+    from the header, because container headers often hold estimates."""
+    name = _name(path)
+    if not isinstance(path, (bytes, bytearray)) and not os.path.isfile(path):
         raise ValueError(f"video file not found: {path}")
-    av = _import_av(path)
+    av = _import_av(name)
     try:
-        with av.open(path) as container:
+        with av.open(_input(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"{path}: no video stream in this file")
+                raise ValueError(f"{name}: no video stream in this file")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             total = sum(1 for packet in container.demux(stream) if packet.size)
     except av.error.FFmpegError as e:
-        raise ValueError(f"{path}: unreadable video ({e})") from None
+        raise ValueError(f"{name}: unreadable video ({e})") from None
     return total, fps
+
+
+def _input(path):
+    # The same decoder reads a file and its embedded bytes, so both give the same frames.
+    return io.BytesIO(bytes(path)) if isinstance(path, (bytes, bytearray)) else path
+
+
+def _name(path) -> str:
+    return "video bytes" if isinstance(path, (bytes, bytearray)) else str(path)
 
 
 def _import_av(path: str):
@@ -120,16 +132,16 @@ def preprocess_video(frames, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int
                      temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """One video -> `pixel_values_videos` (t*h*w, 1176) float32 and `grid_thw` [[t, h, w]] int64.
 
-    `frames`: a (T, H, W, 3) uint8 array, a list of images (paths, PIL images, arrays), or a video file path
-    (decoded with PyAV, sampled at `fps`=2 unless `nframes` is given). Arrays and lists are used as given unless
+    `frames`: a (T, H, W, 3) uint8 array, a list of images (paths, PIL images, arrays), or a video file path or its
+    bytes (decoded with PyAV, sampled at `fps`=2 unless `nframes` is given). Arrays and lists are used as given unless
     `fps` (with `video_fps`) or `nframes` asks for sampling. `total_pixels` caps the whole video (None: no cap);
     `resized_height`/`resized_width` fix the frame size (still rounded to multiples of 28).
     """
-    if isinstance(frames, (str, os.PathLike)):
-        path = os.fspath(frames)
+    if isinstance(frames, (str, os.PathLike, bytes, bytearray)):
+        path = frames if isinstance(frames, (bytes, bytearray)) else os.fspath(frames)
         total, file_fps = probe_video(path)
         if total == 0:
-            raise ValueError(f"{path}: video has zero frames")
+            raise ValueError(f"{_name(path)}: video has zero frames")
         n = sample_frame_count(total, video_fps or file_fps, fps, nframes, min_frames, max_frames)
         frames = read_video(path, sample_frame_indices(total, n))[0]
     else:

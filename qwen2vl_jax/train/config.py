@@ -46,7 +46,8 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    train: str = "synthetic"               # JSONL file (comma-separated for several), or "synthetic"
+    train: Any = "synthetic"               # data files (JSONL, ArrayRecord, Parquet; comma-separated, globs),
+                                           # "synthetic", or a mixture: [{path: FILES, weight: W}, ...]
     batch_size: int = 8                    # rows per micro-batch, all hosts together
     buckets: list[list[int]] | str = "auto"   # [[text_len, patch_len], ...] per row, one compiled shape each;
                                            # auto: sized from the checked records (printed, to pin them)
@@ -286,6 +287,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     if cfg.data.batch_size < 1:
         problems.append(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    if not _data_spec_ok(cfg.data.train):
+        problems.append(f"data.train must be files (a string) or a mixture [{{path: FILES, weight: W}}, ...] with "
+                        f"positive weights, got {cfg.data.train!r}")
     if cfg.init_from and (cfg.init.vision or cfg.init.llm):
         problems.append("give either init_from or init.vision + init.llm, not both")
     if bool(cfg.init.vision) != bool(cfg.init.llm):
@@ -296,3 +300,15 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"mesh.{axis} must be a positive size or -1, got {v}")
     if problems:
         raise RunConfigError("invalid run config: " + "; ".join(problems))
+
+
+def _data_spec_ok(spec) -> bool:
+    if isinstance(spec, str):
+        return bool(spec)
+    if not isinstance(spec, list) or not spec:
+        return False
+    if all(isinstance(x, str) for x in spec):
+        return True
+    return all(isinstance(x, dict) and isinstance(x.get("path"), str) and set(x) <= {"path", "weight", "name"}
+               and isinstance(x.get("weight", 1), (int, float)) and not isinstance(x.get("weight", 1), bool)
+               and x.get("weight", 1) > 0 for x in spec)

@@ -11,11 +11,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data import DataError, Processor
 from qwen2vl_jax.data.check import check_records
 from qwen2vl_jax.data.packing import suggest_buckets
-from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader, read_records
+from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, components, make_loader
+from qwen2vl_jax.data.sources import open_source
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
@@ -47,8 +49,9 @@ def generation(cfg: RunConfig):
     return None
 
 
-def train_files(cfg: RunConfig) -> str:
-    """The JSONL path(s) to train on; "synthetic" generates the demo set first (once; it is reused)."""
+def train_files(cfg: RunConfig):
+    """The data to train on (files or a mixture, `pipeline.components`); "synthetic" generates the demo set
+    first (once; it is reused)."""
     if cfg.data.train != "synthetic":
         return cfg.data.train
     from qwen2vl_jax.data import synthetic
@@ -76,7 +79,8 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
         return cfg
     proc = processor(cfg, config)
     index, count = _shard(cfg, mesh)
-    records = read_records(train_files(cfg))[index::count]
+    records = HostRecords([open_source(c.path, index_dir(cfg))
+                           for c in components(train_files(cfg))], index, count)
     report = check_records(records, proc, limit=cfg.data.check or AUTO_SAMPLE, seed=cfg.seed,
                            buckets=None if auto else cfg.data.buckets, truncate=cfg.data.truncate)
     log(report.describe())
@@ -88,6 +92,23 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
     log(f"data.buckets: auto -> {json.dumps([list(b) for b in buckets])} (text tokens, vision patches) per row, "
         f"from {len(report.sizes):,} examples; to pin them: data.buckets='{json.dumps([list(b) for b in buckets])}'")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=[list(b) for b in buckets]))
+
+
+class HostRecords:
+    """This host's records of every source, as the pipeline splits them (`[index::count]` of each), read on
+    demand: a check of a sample never opens the records it does not pick."""
+
+    def __init__(self, sources, index: int, count: int):
+        self.sources, self.index, self.count = sources, index, count
+        self.ends = np.cumsum([len(range(index, len(s), count)) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        local = i - (int(self.ends[k - 1]) if k else 0)
+        return self.sources[k][self.index + local * self.count]
 
 
 def _within_budget(problems: list, budget: int, log) -> None:
@@ -125,6 +146,11 @@ def _global_sizes(sizes: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, 2)
 
 
+def index_dir(cfg: RunConfig) -> str:
+    """Where JSONL indices go when the data's own folder cannot take them."""
+    return storage.join(cfg.workdir, "data_index")
+
+
 def layout(cfg: RunConfig, mesh: Mesh) -> dict:
     """What this host's stream of batches depends on. A saved iterator state only fits a loader of the same
     layout; after a change (other hosts, rows, buckets or files) the exact data order cannot be kept."""
@@ -142,5 +168,6 @@ def make_source(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, seed_offset: 
     pipeline = PipelineConfig(
         buckets=tuple(tuple(b) for b in cfg.data.buckets), batch_size=n, window=cfg.data.window,
         seed=cfg.seed + seed_offset, workers=cfg.data.workers, skip_budget=cfg.data.skip_budget,
-        truncate=cfg.data.truncate, shard_index=start // n, shard_count=cfg.data.batch_size // n)
+        truncate=cfg.data.truncate, shard_index=start // n, shard_count=cfg.data.batch_size // n,
+        index_dir=index_dir(cfg))
     return make_loader(train_files(cfg), processor(cfg, config), config, pipeline)

@@ -204,7 +204,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             nan_run[0] = 0
         m.update(step_time=dt, data_time=host["data_time"], text_tokens=host["text_tokens"],
                  patches=host["patches"], tokens_per_s=host["text_tokens"] / dt,
-                 tflops_per_device=host["flops"] / dt / jax.device_count() / 1e12)
+                 tflops_per_device=host["flops"] / dt / jax.device_count() / 1e12, **host["seen"])
         if peak:
             m["mfu"] = host["flops"] / dt / jax.device_count() / peak
         summary["losses"].append((step, m["loss"]))
@@ -237,7 +237,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                     "text_tokens": float((host_batch["segment_ids"] > 0).sum()),
                     "patches": float((host_batch["patch_segment_ids"] > 0).sum())
                     if "patch_segment_ids" in host_batch else 0.0,
-                    "flops": metrics.step_flops(config, host_batch, parts)}
+                    "flops": metrics.step_flops(config, host_batch, parts),
+                    # examples read so far per mixture component, so a run shows what the model has seen
+                    "seen": {f"seen/{k}": float(v) for k, v in getattr(data, "seen", {}).items()}}
             device_batch = batches.to_device(host_batch, step_fn.batch_shardings(host_batch))
             state, dev_metrics = step_fn(state, device_batch)
             if pending is not None:
