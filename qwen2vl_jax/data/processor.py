@@ -17,6 +17,7 @@ import re
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, OPENAI_CLIP_MEAN,
                                     OPENAI_CLIP_STD, PATCH_SIZE, TEMPORAL_PATCH_SIZE, describe, preprocess_image)
 from qwen2vl_jax.data.records import IMAGE_KEYS, VIDEO_KEYS, DataError, Record, normalize_messages
@@ -223,16 +224,16 @@ class Processor:
         """An HF checkpoint directory: tokenizer.json, the chat template (chat_template.jinja / .json, or
         tokenizer_config.json) and the pixel settings of preprocessor_config.json (and
         video_preprocessor_config.json when present; otherwise the qwen-vl-utils video defaults)."""
-        file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
+        file = storage.join(path, "tokenizer.json")
+        if not storage.isfile(file):
             raise ValueError(f"no tokenizer.json in {path}; give an HF Qwen2-VL checkpoint directory, or use "
                              "Processor.default() for the Qwen2 vocabulary")
         settings = {}
-        image = _read_json(os.path.join(path, "preprocessor_config.json"))
+        image = _read_json(storage.join(path, "preprocessor_config.json"))
         _check_vision_settings(image, path)
         settings["image_min_pixels"], settings["image_max_pixels"] = _pixels(image, IMAGE_MIN_PIXELS,
                                                                              IMAGE_MAX_PIXELS)
-        video = _read_json(os.path.join(path, "video_preprocessor_config.json"))
+        video = _read_json(storage.join(path, "video_preprocessor_config.json"))
         if video:
             settings["video_min_pixels"], settings["video_max_pixels"] = _pixels(video, VIDEO_MIN_PIXELS,
                                                                                  VIDEO_MAX_PIXELS)
@@ -241,7 +242,7 @@ class Processor:
                 settings[key] = int(image[key])
         settings["chat_template"] = _read_chat_template(path)
         settings.update(kwargs)
-        return cls(Tokenizer.from_file(file), **settings)
+        return cls(Tokenizer.from_str(storage.read_text(file)), **settings)
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -428,11 +429,10 @@ def _flatten(images) -> list:
 
 
 def _read_json(file: str) -> dict:
-    if not os.path.isfile(file):
+    if not storage.isfile(file):
         return {}
     try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
 
@@ -451,12 +451,11 @@ def _check_vision_settings(cfg: dict, path: str) -> None:
 
 
 def _read_chat_template(path: str) -> str | None:
-    jinja = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+    jinja = storage.join(path, "chat_template.jinja")
+    if storage.isfile(jinja):
+        return storage.read_text(jinja)
     for name in ("chat_template.json", "tokenizer_config.json"):
-        template = _read_json(os.path.join(path, name)).get("chat_template")
+        template = _read_json(storage.join(path, name)).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template:

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from qwen2vl_jax import storage
+
 from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, PATCH_SIZE,
                                     TEMPORAL_PATCH_SIZE, load_image, normalize, patchify, resize_frames,
                                     smart_resize)
@@ -72,7 +74,7 @@ def read_video(path: str, indices=None) -> tuple[np.ndarray, float]:
     keep = None if indices is None else {int(i) for i in indices}
     frames = []
     try:
-        with av.open(path) as container:
+        with _av_open(av, path) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if keep is None or i in keep:
                     frames.append(frame.to_ndarray(format="rgb24"))
@@ -86,11 +88,11 @@ def read_video(path: str, indices=None) -> tuple[np.ndarray, float]:
 def probe_video(path: str) -> tuple[int, float]:
     """(frame count, frames per second) of a video file. Frames are counted by demuxing, not read from the
     header, because container headers often hold estimates."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ValueError(f"video file not found: {path}")
     av = _import_av(path)
     try:
-        with av.open(path) as container:
+        with _av_open(av, path) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: no video stream in this file")
             stream = container.streams.video[0]
@@ -99,6 +101,11 @@ def probe_video(path: str) -> tuple[int, float]:
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: unreadable video ({e})") from None
     return total, fps
+
+
+def _av_open(av, path: str):
+    """PyAV reads a URL's object through a seekable file object: ranged reads, not a local copy."""
+    return av.open(storage.open(path, "rb") if storage.is_url(path) else path)
 
 
 def _import_av(path: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable
 
 
@@ -58,12 +57,12 @@ class GenerationConfig:
     def from_pretrained(cls, path: str, **overrides: Any) -> "GenerationConfig":
         """Read `generation_config.json` from an HF checkpoint directory (a missing file gives the defaults).
         Unknown keys are ignored; `overrides` win over the file."""
-        file = os.path.join(path, "generation_config.json")
+        from qwen2vl_jax import storage
+        file = storage.join(path, "generation_config.json")
         d: dict[str, Any] = {}
-        if os.path.exists(file):
+        if storage.exists(file):
             try:
-                with open(file) as f:
-                    d = json.load(f)
+                d = json.loads(storage.read_text(file))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}: not valid JSON ({e})") from None
         fields = {f.name for f in dataclasses.fields(cls)}

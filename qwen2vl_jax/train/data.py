@@ -3,11 +3,10 @@ with the processor that matches the model's vocabulary, each host reading its ow
 
 from __future__ import annotations
 
-import os
-
 import jax
 from jax.sharding import Mesh
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data import Processor
 from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, make_loader
@@ -23,7 +22,7 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     test models such as the demo's."""
     kw = dict(image_min_pixels=cfg.data.image_min_pixels, image_max_pixels=cfg.data.image_max_pixels)
     for path in (cfg.data.tokenizer, cfg.init_from, cfg.model):
-        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if path and storage.isfile(storage.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path, **kw)
     if cfg.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer = {cfg.data.tokenizer}: no tokenizer.json there")
@@ -37,10 +36,10 @@ def train_files(cfg: RunConfig) -> str:
     if cfg.data.train != "synthetic":
         return cfg.data.train
     from qwen2vl_jax.data import synthetic
-    out = cfg.data.synthetic_dir or os.path.join(cfg.workdir, "synthetic")
+    out = cfg.data.synthetic_dir or storage.join(cfg.workdir, "synthetic")
     if jax.process_index() == 0:
         synthetic.generate(out, size=cfg.data.synthetic_size, config=synthetic.SyntheticConfig.demo())
-    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a shared filesystem)
+    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a bucket or a shared filesystem)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data written")
     return synthetic.train_path(out)
