@@ -37,7 +37,7 @@ def test_jsonl_and_images_in_a_bucket_train_the_same_as_on_disk(bucket, tmp_path
 
 
 def test_hf_checkpoint_in_a_bucket_loads_by_ranged_reads(hf_checkpoints, bucket, monkeypatch):
-    cfg, _, local = hf_checkpoints["2b"]
+    cfg, _, local = hf_checkpoints["tied"]
     model = qv.load_pretrained(local)
     model.save_pretrained(f"{bucket}/hf")
     assert storage.listdir(f"{bucket}/hf") == ["config.json", "model.safetensors"]
@@ -59,7 +59,7 @@ def test_hf_checkpoint_in_a_bucket_loads_by_ranged_reads(hf_checkpoints, bucket,
 
 
 def test_sharded_export_to_a_bucket_and_processor_files(hf_checkpoints, bucket, tmp_path):
-    cfg, _, local = hf_checkpoints["7b"]
+    cfg, _, local = hf_checkpoints["tiny"]
     model = qv.load_pretrained(local)
     model.save_pretrained(f"{bucket}/sharded", max_shard_bytes=200_000)
     names = storage.listdir(f"{bucket}/sharded")
@@ -81,7 +81,7 @@ def test_metrics_and_tensorboard_in_a_bucket_read_as_one_run_after_resume(bucket
         log.write(s, {"loss": float(10 - s)})
     log.flush()                          # what a checkpoint at step 3 does
     log.write(4, {"loss": 6.0})          # then the process dies: step 4 was never flushed
-    del log
+    log.tb.close()                       # (only so that no writer of this process outlives the emulator)
     log = metrics.MetricsLog(workdir, resume_step=3)
     for s in (4, 5):
         log.write(s, {"loss": float(s)})

@@ -11,6 +11,7 @@ remat is not model work and is not counted, as in the usual MFU definition.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -100,7 +101,11 @@ class MetricsLog:
             storage.write_text(self.path, "".join(self.lines))
         self.file = None if self.remote else storage.open(self.path, "a")
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        if self.remote:
+            _register_event_writer(storage.protocol(workdir))
+        # The suffix keeps a resumed run's event file apart from the one it resumes, even within one second.
+        self.tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=resume_step + 1,
+                                filename_suffix=f".from{resume_step}")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -133,6 +138,40 @@ class MetricsLog:
             if self.file is not None:
                 self.file.close()
             self.tb.close()
+
+
+class _EventObject:
+    """A TensorBoard event file at a URL, written through `storage` (so every protocol, and its errors, are
+    the path layer's). An object cannot be appended to: the file is kept in memory and uploaded whole on
+    flush, and only when it changed, so flushes after the last write (close, interpreter exit) cost nothing."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.dirty = path, io.BytesIO(), True
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            storage.write_bytes(self.path, self.buffer.getvalue())
+            self.dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventObjects:
+    def open(self, path: str) -> _EventObject:
+        return _EventObject(path)
+
+    def directory_check(self, path: str) -> None:
+        pass   # prefixes need no creating
+
+
+def _register_event_writer(proto: str) -> None:
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(proto, _EventObjects())
 
 
 def _plain(v):
