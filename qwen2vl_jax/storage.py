@@ -291,6 +291,31 @@ def read_ranges(path: str | os.PathLike, ranges: list[tuple[int, int]]) -> list[
         return fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
 
 
+def read_many(paths) -> dict[str, bytes]:
+    """{url: bytes} of the URLs among `paths`, fetched concurrently (many small objects read one at a time
+    would each wait a full round trip). Local paths and objects that cannot be read are left out: the
+    caller's own read of those reports the error."""
+    groups: dict[str, list[str]] = {}
+    for p in dict.fromkeys(os.fspath(p) for p in paths):
+        if is_url(p):
+            groups.setdefault(protocol(p), []).append(p)
+    out = {}
+    for proto, group in groups.items():
+        fs = _filesystem(proto)
+        if len(group) == 1:
+            try:
+                out[group[0]] = fs.cat_file(group[0])
+            except Exception:   # noqa: BLE001 - reported by the caller's own read
+                pass
+            continue
+        got = fs.cat(group, on_error="omit")
+        for p in group:
+            data = got.get(p, got.get(fs._strip_protocol(p)))
+            if data is not None:
+                out[p] = data
+    return out
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes a whole file or object. Local files are written beside and renamed into place, so a reader
     never sees half a file; an object store's single upload is atomic already."""

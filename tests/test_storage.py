@@ -35,6 +35,8 @@ def test_same_calls_locally_and_in_a_bucket(root):
     assert storage.read_range(storage.join(root, "a", "x.txt"), 1, 4) == b"ell"
     assert storage.read_ranges(storage.join(root, "a", "x.txt"), [(0, 2), (3, 5)]) == [b"he", b"lo"]
     assert storage.size(storage.join(root, "a", "x.txt")) == 6
+    x, y, nope = (storage.join(root, "a", n) for n in ("x.txt", "y.jsonl", "nope.png"))
+    assert storage.read_many([x, y, nope]) == ({x: b"hello\n", y: b'{"k": 1}\n'} if storage.is_url(root) else {})
     assert storage.dirname(storage.join(root, "a", "x.txt")) == storage.join(root, "a")
     with pytest.raises(ValueError, match="'\\*\\*' is not supported"):
         storage.glob(storage.join(root, "**", "*.txt"))

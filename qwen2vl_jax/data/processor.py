@@ -375,6 +375,7 @@ class Processor:
 
     def _encode_items(self, messages, kind: str) -> tuple[np.ndarray, np.ndarray]:
         items = [it for m in messages for it in m["content"] if it["type"] == kind]
+        fetched = _fetch_urls(items, kind)
         results = []
         for k, item in enumerate(items, 1):
             try:
@@ -382,7 +383,8 @@ class Processor:
                     kw = {key: item[key] for key in IMAGE_KEYS if key in item}
                     kw.setdefault("min_pixels", self.image_min_pixels)
                     kw.setdefault("max_pixels", self.image_max_pixels)
-                    results.append(preprocess_image(item["image"], **kw, **self._patching()))
+                    results.append(preprocess_image(fetched.get(_key(item["image"]), item["image"]), **kw,
+                                                    **self._patching()))
                 else:
                     kw = {key: item[key] for key in VIDEO_KEYS if key in item}
                     kw.setdefault("min_pixels", self.video_min_pixels)
@@ -390,7 +392,10 @@ class Processor:
                     kw.setdefault("total_pixels", self.video_total_pixels)
                     if "nframes" in kw:
                         kw["nframes"] = int(kw["nframes"])
-                    results.append(preprocess_video(item["video"], **kw, **self._patching()))
+                    video = item["video"]
+                    if isinstance(video, (list, tuple)):   # frames: fetched ones as bytes
+                        video = [fetched.get(_key(f), f) for f in video]
+                    results.append(preprocess_video(video, **kw, **self._patching()))
             except ValueError as e:
                 name = describe(item[kind])
                 raise ValueError(f"{kind} {k}{'' if name in str(e) else f' ({name})'}: {e}") from None
@@ -426,6 +431,22 @@ def _flatten(images) -> list:
     if not isinstance(images, (list, tuple)):
         return [images]
     return [im for entry in images for im in (entry if isinstance(entry, (list, tuple)) else [entry])]
+
+
+def _key(source):
+    return source if isinstance(source, str) else None
+
+
+def _fetch_urls(items: list[dict], kind: str) -> dict[str, bytes]:
+    """The bytes of every image (or video frame) of a record that lives at a URL, read concurrently; a
+    missing one is left out so that its own read names it."""
+    urls = []
+    for item in items:
+        sources = item[kind] if isinstance(item[kind], (list, tuple)) else [item[kind]]
+        if kind == "video" and not isinstance(item[kind], (list, tuple)):
+            continue   # a video file is decoded from a seekable remote file instead
+        urls += [s for s in sources if isinstance(s, str) and storage.is_url(s)]
+    return storage.read_many(urls) if urls else {}
 
 
 def _read_json(file: str) -> dict:
