@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen2vl_jax.train.config import RunConfigError
     try:
         run(argv)
-    except (RunConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (RunConfigError, DataError, FileNotFoundError, ValueError, storage.StorageError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 2
     return 0

@@ -47,11 +47,15 @@ def main(argv=None) -> int:
     except (RunConfigError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
+    from qwen2vl_jax.storage import StorageError
     from qwen2vl_jax.train.loop import TrainingStopped, run
     try:
         summary = run(cfg)
     except TrainingStopped as e:
         print(f"\ntrain.py: stopped: {e}", file=sys.stderr)
+        return 1
+    except StorageError as e:   # a missing bucket / object / credential / client: the message says what to do
+        print(f"train.py: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0

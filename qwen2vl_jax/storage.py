@@ -55,7 +55,11 @@ def _filesystem(proto: str):
         return cls()
 
 
-class MissingClient(ImportError):
+class StorageError(Exception):
+    """Base of the path layer's one-line errors (each also an OSError or ImportError subclass)."""
+
+
+class MissingClient(StorageError, ImportError):
     """A URL whose protocol has no installed fsspec client."""
 
     PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
@@ -68,19 +72,19 @@ class MissingClient(ImportError):
         super().__init__(f"no client for {proto}:// paths is installed ({why}); {hint}")
 
 
-class BucketNotFound(FileNotFoundError):
+class BucketNotFound(StorageError, FileNotFoundError):
     """The bucket of a URL does not exist (or the account in use cannot see it)."""
 
 
-class ObjectNotFound(FileNotFoundError):
+class ObjectNotFound(StorageError, FileNotFoundError):
     """No object (and no prefix) at a URL in an existing bucket."""
 
 
-class NoCredentials(PermissionError):
+class NoCredentials(StorageError, PermissionError):
     """A store refused an anonymous request: no credentials were found."""
 
 
-class AccessDenied(PermissionError):
+class AccessDenied(StorageError, PermissionError):
     """A store refused the request of the account in use."""
 
 

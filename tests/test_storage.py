@@ -106,3 +106,14 @@ def test_missing_credentials_say_what_to_set():
         "qwen2vl_jax.storage.NoCredentials: gs://private-bucket/train.jsonl: access refused and no credentials "
         "were found; set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file or run `gcloud auth "
         "application-default login` (a TPU/GCE VM uses its service account)"), r.stderr[-2000:]
+
+
+def test_train_py_names_a_missing_bucket_in_one_line(gcs, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "workdir=gs://no-such-bucket/run",
+                        "steps=1"], env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "train.py: gs://no-such-bucket/run: the bucket gs://no-such-bucket does not exist (or this account "
+        "cannot see it); create it or fix the path"), r.stderr[-2000:]
+    assert os.listdir(tmp_path) == []   # no local folder named gs:

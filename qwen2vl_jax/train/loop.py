@@ -100,6 +100,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     that `cfg.data` describes.
     """
     t_start = time.perf_counter()
+    storage.require_bucket(cfg.workdir)   # a clear error now, not one from deep inside orbax later
 
     # -- devices and mesh
     sharding.initialize_distributed()   # before anything touches a device
@@ -122,7 +123,6 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     shardings = state_shardings(module, tx, parts, mesh)
 
     # -- checkpoints: resume from the workdir, or start
-    storage.require_bucket(cfg.workdir)   # a clear error now, not one from deep inside orbax later
     storage.makedirs(cfg.workdir)
     ckpts = checkpoint.Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     latest = ckpts.latest_step()
