@@ -42,8 +42,13 @@ def _local(path: str | os.PathLike) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-@functools.lru_cache(maxsize=None)
 def _filesystem(proto: str):
+    # Per process: a client's connections (and its event loop thread) do not survive a fork.
+    return _filesystem_of(proto, os.getpid())
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem_of(proto: str, pid: int):
     try:
         import fsspec
         cls = fsspec.get_filesystem_class(proto)
@@ -121,10 +126,12 @@ def _explain(path: str, fs, e: Exception) -> Exception | None:
         return ObjectNotFound(f"{path}: no such object")
     code = getattr(e, "code", None)
     text = str(e)
-    if code == 401 or (code is None and isinstance(e, OSError) and text.startswith("Forbidden")) or code == 403:
-        if _anonymous(fs) or code == 401:
-            how = CREDENTIALS.get(proto, f"configure credentials for {proto}://")
+    if code in (401, 403) or (code is None and isinstance(e, OSError) and text.startswith("Forbidden")):
+        how = CREDENTIALS.get(proto, f"configure credentials for {proto}://")
+        if _anonymous(fs):
             return NoCredentials(f"{path}: access refused and no credentials were found; {how}")
+        if code == 401:
+            return NoCredentials(f"{path}: the credentials in use were refused (expired or invalid); {how}")
         first = text.splitlines()[-1] if text else "forbidden"
         return AccessDenied(f"{path}: the account in use may not access this ({first}); grant it access to "
                             f"{_bucket(path)} or use other credentials")
