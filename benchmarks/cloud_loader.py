@@ -8,9 +8,9 @@ started here on a free port) unless `--bucket gs://...` names a real one. The ru
 1. raw reads of `--reads` image objects: one after another (`storage.read_bytes` in a loop) against all at
    once (`storage.read_many`, which the processor uses for the images of a record);
 2. the grain loader (processor + packing, `--workers` processes) over the local JSONL and the bucket's, in
-   examples/s after the first batch, for each worker count.
+   examples/s after a warm-up (each worker process connects once, ~1 s), for each worker count.
 
-    python benchmarks/cloud_loader.py [--examples 600] [--workers 0 2] [--batches 40] [--bucket gs://b/x]
+    python benchmarks/cloud_loader.py [--examples 600] [--workers 0 2] [--batches 150] [--bucket gs://b/x]
 
 The emulator answers from memory on this machine, so it shows the client's cost, not a real network's
 latency; against a real bucket the overlap matters more. Ends with one JSON line, ratios first.
@@ -48,13 +48,14 @@ def upload_dir(local: str, remote: str) -> int:
     return len(files)
 
 
-def loader_rate(path: str, workers: int, batches: int, cfg) -> float:
+def loader_rate(path: str, workers: int, batches: int, cfg, warmup: int = 10) -> float:
     from qwen2vl_jax.data import Processor
     from qwen2vl_jax.data.pipeline import PipelineConfig, make_loader
     pipe = PipelineConfig(buckets=((768, 384),), batch_size=4, window=16, workers=workers, shard_index=0,
                           shard_count=1)
     with make_loader(path, Processor.from_config(cfg), cfg, pipe) as loader:
-        next(loader)
+        for _ in range(warmup):   # every worker started and connected
+            next(loader)
         t0, n0 = time.perf_counter(), loader.examples
         for _ in range(batches):
             next(loader)
@@ -65,7 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=600)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--batches", type=int, default=40, help="batches timed after the first")
+    ap.add_argument("--batches", type=int, default=150, help="batches timed after 10 of warm-up (the data repeats)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
     ap.add_argument("--reads", type=int, default=200, help="image objects in the raw read test")
     ap.add_argument("--bucket", default="", help="a real bucket prefix (gs://b/x); default: the emulator")

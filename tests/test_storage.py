@@ -64,6 +64,10 @@ def test_missing_bucket_and_object_are_one_clear_line(bucket):
     assert str(e.value) == f"{bucket}/missing.jsonl: no such object"
     with pytest.raises(FileNotFoundError):   # still a FileNotFoundError for callers that catch that
         storage.read_range(f"{bucket}/missing.jsonl", 0, 8)
+    from qwen2vl_jax.data import DataError, read_jsonl
+    with pytest.raises(DataError) as e:
+        next(read_jsonl(f"{bucket}/missing.jsonl"))
+    assert str(e.value) == f"{bucket}/missing.jsonl: cannot open the data file (no such object)"
 
 
 def test_protocol_without_a_client_names_the_package():
