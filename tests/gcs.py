@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -25,6 +27,13 @@ def binary() -> str:
     if not os.access(path, os.X_OK):
         os.chmod(path, 0o755)
     return path
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies (a killed test run leaves none)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -43,7 +52,7 @@ class FakeGCS:
         self.proc = subprocess.Popen(
             [binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "memory",
              "-public-host", f"127.0.0.1:{self.port}", "-external-url", self.url],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.time() + 30
         while True:
             try:

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -23,7 +24,20 @@ from qwen2vl_jax.train.checkpoint import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 4
-pytestmark = pytest.mark.slow   # three train.py runs and one eval.py: ~4-6 min on 2 cores
+pytestmark = pytest.mark.slow   # four train.py runs and one eval.py: ~4-6 min on 2 cores
+
+
+@pytest.fixture(scope="module")
+def data(gcs):
+    """The demo set generated straight into a bucket: (train.jsonl, heldout.jsonl) URLs."""
+    root = gcs.create_bucket(f"cloud-train-data-{os.getpid()}") + "/data"
+    synthetic.generate(root, size=120, heldout_size=16, config=synthetic.SyntheticConfig.demo())
+    return synthetic.train_path(root), synthetic.heldout_path(root)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
 
 
 def _cmd(workdir, data, cache, *extra):
@@ -50,11 +64,9 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_train_kill_resume_export_and_eval_all_in_a_bucket(bucket, tmp_path):
-    data = f"{bucket}/data"
-    synthetic.generate(data, size=120, heldout_size=16, config=synthetic.SyntheticConfig.demo())
-    train, heldout = synthetic.train_path(data), synthetic.heldout_path(data)
-    cwd, cache = tmp_path / "cwd", tmp_path / "jax_cache"   # cwd stays empty: nothing lands on local disk
+def test_train_kill_resume_export_and_eval_all_in_a_bucket(bucket, data, cache, tmp_path):
+    train, heldout = data
+    cwd = tmp_path / "cwd"   # stays empty: nothing lands on local disk (the compilation cache is elsewhere)
     cwd.mkdir()
     straight, killed = f"{bucket}/straight", f"{bucket}/killed"
 
@@ -99,3 +111,27 @@ def test_train_kill_resume_export_and_eval_all_in_a_bucket(bucket, tmp_path):
     assert report["count"] == 8 and report["data"] == heldout and report["checkpoint"].startswith(killed)
     assert len(storage.read_text(f"{killed}/eval/{STEPS}/predictions.jsonl").splitlines()) == 8
     assert os.listdir(cwd) == []
+
+
+def test_sigterm_leaves_a_restorable_checkpoint_in_the_bucket(bucket, data, cache, tmp_path):
+    workdir = f"{bucket}/term"
+    cmd = [a for a in _cmd(workdir, data[0], cache, "steps=400", "checkpoint_every=1000") if a != "progress=false"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = bytearray()
+    reader = threading.Thread(target=lambda: [err.extend(c) for c in iter(lambda: proc.stderr.read1(4096), b"")])
+    reader.start()
+    deadline = time.time() + 600
+    while not re.search(rb"\| [1-9]\d*/400", bytes(err)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)   # the progress bar shows a finished step: training is under way
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read().decode()
+    proc.wait(timeout=300)
+    reader.join()
+    err = err.decode(errors="replace")
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == "SIGTERM" and 1 <= summary["end_step"] < 400
+    assert _committed(workdir) == [summary["end_step"]]
+    assert max(_losses(workdir)) == summary["end_step"]   # metrics flushed with the checkpoint
+    config, params = restore_params(workdir)
+    assert config == qv.config.tiny() and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
