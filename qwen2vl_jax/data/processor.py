@@ -442,10 +442,10 @@ def _fetch_urls(items: list[dict], kind: str) -> dict[str, bytes]:
     missing one is left out so that its own read names it."""
     urls = []
     for item in items:
-        sources = item[kind] if isinstance(item[kind], (list, tuple)) else [item[kind]]
-        if kind == "video" and not isinstance(item[kind], (list, tuple)):
+        frames = isinstance(item[kind], (list, tuple))
+        if kind == "video" and not frames:
             continue   # a video file is decoded from a seekable remote file instead
-        urls += [s for s in sources if isinstance(s, str) and storage.is_url(s)]
+        urls += [s for s in (item[kind] if frames else [item[kind]]) if isinstance(s, str) and storage.is_url(s)]
     return storage.read_many(urls) if urls else {}
 
 
