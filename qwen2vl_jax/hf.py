@@ -245,7 +245,7 @@ def load_params(path: str, config: Qwen2VLConfig, dtype=np.float32, shardings=No
         read = source(ours)
         if ours in flat_shardings:
             shape = _our_shape(pmap[ours])
-            arr = jax.make_array_from_callback(shape, flat_shardings[ours], lambda idx, r=read: r(_norm_idx(idx)))
+            arr = jax.make_array_from_callback(shape, flat_shardings[ours], _once_per_slice(read))
         else:
             arr = jax.numpy.asarray(read())
         _set(tree, ours, arr)
@@ -266,6 +266,19 @@ def _our_shape(entry) -> tuple[int, ...]:
     _, n, fn, shape = entry
     one = fn(np.empty(shape, np.uint8)).shape
     return (n, *one) if n else tuple(one)
+
+
+def _once_per_slice(read: Callable) -> Callable:
+    """A device callback for `read` under which devices holding the same slice (replicas) share one read."""
+    done: dict = {}
+
+    def callback(idx):
+        idx = _norm_idx(idx)
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)   # slices: unhashable
+        if key not in done:
+            done[key] = read(idx)
+        return done[key]
+    return callback
 
 
 def _norm_idx(idx):
