@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from qwen2vl_jax import storage
+
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 METRICS = ["exact_match", "vqa_accuracy", "anls", "relaxed_accuracy"]
 
@@ -92,7 +94,7 @@ def training_run(step_dir: str):
     try:
         raw = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "run")
         raw = {k: v for k, v in dict(raw).items() if k != "trainable_parts"}
-        return _build(RunConfig, raw, os.path.join(step_dir, "run"), "")
+        return _build(RunConfig, raw, storage.join(step_dir, "run"), "")
     except (FileNotFoundError, RunConfigError, TypeError, ValueError):
         return None
 
@@ -101,8 +103,8 @@ def synthetic_dir(run, step_dir: str) -> str | None:
     """The generated set a run trained on (None when it trained on files)."""
     if run is None or run.data.train != "synthetic":
         return None
-    workdir = os.path.dirname(os.path.dirname(step_dir))   # where the checkpoint is, wherever eval runs from
-    return run.data.synthetic_dir or os.path.join(workdir, "synthetic")
+    workdir = storage.dirname(storage.dirname(step_dir))   # where the checkpoint is, wherever eval runs from
+    return run.data.synthetic_dir or storage.join(workdir, "synthetic")
 
 
 def default_data(run, step_dir: str) -> str:
@@ -113,7 +115,7 @@ def default_data(run, step_dir: str) -> str:
                          "give --data FILE.jsonl")
     from qwen2vl_jax.data import synthetic
     path = synthetic.heldout_path(data_dir)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: the run's held-out set is missing; run `python train.py` again "
                                 "(it regenerates the set) or give --data FILE.jsonl")
     return path
@@ -122,22 +124,22 @@ def default_data(run, step_dir: str) -> str:
 # -- model and processor ---------------------------------------------------------------------------------
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
+    return storage.isfile(storage.join(path, "config.json")) and any(
+        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in storage.listdir(path))
 
 
 def find_checkpoint(cfg: EvalConfig):
     """(the HF dir or orbax step dir, where outputs go by default, the training RunConfig or None), from the
     checkpoint's files alone: nothing is loaded yet."""
     path = cfg.checkpoint
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(f"checkpoint {path}: no such directory; give an HF checkpoint dir or a training "
                                 "workdir (for the demo, run `python train.py` first)")
     if is_hf_dir(path):
-        return path, os.path.join(path, "eval"), None
+        return path, storage.join(path, "eval"), None
     from qwen2vl_jax.train import checkpoint
     step_dir = checkpoint.step_dir(path)
-    out = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "eval", os.path.basename(step_dir))
+    out = storage.join(storage.dirname(storage.dirname(step_dir)), "eval", storage.basename(step_dir))
     return step_dir, out, training_run(step_dir)
 
 
@@ -145,16 +147,15 @@ def output_dir(base: str, data: str) -> str:
     """`base/<name of the data file>`, so that each evaluation set of a checkpoint keeps its own results; a
     different file of the same name gets a suffix from its path."""
     import hashlib
-    name = os.path.splitext(os.path.basename(data))[0] or "data"
-    out = os.path.join(base, name)
+    name = os.path.splitext(storage.basename(data))[0] or "data"
+    out = storage.join(base, name)
     try:
-        with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
-            earlier = json.load(f).get("data")
+        earlier = json.loads(storage.read_text(storage.join(out, "metrics.json"))).get("data")
     except (OSError, ValueError, AttributeError):
         return out
-    if earlier in (None, os.path.abspath(data)):
+    if earlier in (None, storage.abspath(data)):
         return out
-    return f"{out}-{hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:8]}"
+    return f"{out}-{hashlib.sha1(storage.abspath(data).encode()).hexdigest()[:8]}"
 
 
 def load_model(cfg: EvalConfig, ckpt_dir: str):
@@ -198,7 +199,7 @@ def make_processor(cfg: EvalConfig, config, checkpoint_dir: str, run=None):
     full-size model, a byte tokenizer for small test models."""
     from qwen2vl_jax.data import Processor
     for path in (cfg.processor, checkpoint_dir):
-        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if path and storage.isfile(storage.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path)
     if cfg.processor:
         raise FileNotFoundError(f"processor={cfg.processor}: no tokenizer.json there")
@@ -251,7 +252,7 @@ def run(argv: list[str] | None = None) -> dict:
     if not baseline and synthetic_dir(run, ckpt_dir):
         from qwen2vl_jax.data import synthetic
         baseline = synthetic.train_path(synthetic_dir(run, ckpt_dir))
-        baseline = baseline if os.path.isfile(baseline) else ""
+        baseline = baseline if storage.isfile(baseline) else ""
     prior = ev.read_examples(baseline, cfg.prompt_style, on_error=lambda e: None) if baseline else None
     eos = tuple(dict.fromkeys([processor.eos_token_id, processor.pad_token_id, model.config.eos_token_id]))
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
@@ -260,9 +261,9 @@ def run(argv: list[str] | None = None) -> dict:
     report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress,
                          prior, on_error)
     out = cfg.out or output_dir(out_base, cfg.data)
-    extra = {"checkpoint": os.path.abspath(ckpt_dir), "data": os.path.abspath(cfg.data),
+    extra = {"checkpoint": storage.abspath(ckpt_dir), "data": storage.abspath(cfg.data),
              "prompt_style": cfg.prompt_style, "skipped": len(skipped),
-             "baseline_fitted_on": os.path.abspath(baseline) if baseline else os.path.abspath(cfg.data),
+             "baseline_fitted_on": storage.abspath(baseline) if baseline else storage.abspath(cfg.data),
              "generation": dataclasses.asdict(gen)}
     pred_path, metrics_path = ev.write_report(report, out, extra)
 
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen2vl_jax.train.config import RunConfigError
     try:
         run(argv)
-    except (RunConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (RunConfigError, DataError, FileNotFoundError, ValueError, storage.StorageError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 2
     return 0

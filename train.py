@@ -48,10 +48,13 @@ def main(argv=None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     from qwen2vl_jax.data import DataError
+    from qwen2vl_jax.storage import StorageError
     from qwen2vl_jax.train.loop import TrainingStopped, run
     try:
         summary = run(cfg)
-    except (DataError, RunConfigError) as e:   # bad records: found by the check before the model is built
+    except (DataError, RunConfigError, StorageError) as e:
+        # bad records (found by the check before the model is built), or a missing bucket / object /
+        # credential / client: the message says what to do
         print(f"train.py: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

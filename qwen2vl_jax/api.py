@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -134,8 +133,10 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, **kw) -> 
     `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
     sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`).
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory; expected an HF checkpoint dir with config.json")
+    from qwen2vl_jax import storage
+    if not storage.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory; expected an HF checkpoint dir with config.json "
+                                "(a local path or a URL such as gs://bucket/model)")
     config = Qwen2VLConfig.from_pretrained(path)
     dt = _dtype(dtype)
     shardings = None

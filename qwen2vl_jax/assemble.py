@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 from typing import Callable
 
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import hf
+from qwen2vl_jax import hf, storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.hf import CheckpointError, SafetensorsReader
 from qwen2vl_jax.load_report import LoadReport
@@ -116,11 +115,10 @@ def _detect(reader: SafetensorsReader, path: str) -> tuple[_Layout, str]:
 
 
 def _json(file: str) -> dict | None:
-    if not os.path.exists(file):
+    if not storage.exists(file):
         return None
     try:
-        with open(file) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(file))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
@@ -128,9 +126,9 @@ def _json(file: str) -> dict | None:
 def _vision_meta(path: str, layout: _Layout) -> tuple[dict, str | None]:
     """Hyper-parameters the tensors do not show (heads, activation, norm eps), from the config file beside
     the weights, normalised to {heads, act, eps, model_type}; and the file they came from."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    folder = path if storage.isdir(path) else storage.dirname(path)
     if layout is HF_CLIP:
-        file = os.path.join(folder, "config.json")
+        file = storage.join(folder, "config.json")
         d = _json(file)
         if d is None:
             return {}, None
@@ -138,7 +136,7 @@ def _vision_meta(path: str, layout: _Layout) -> tuple[dict, str | None]:
         return {"heads": v.get("num_attention_heads"), "act": v.get("hidden_act", "quick_gelu"),
                 "eps": v.get("layer_norm_eps", 1e-5), "model_type": d.get("model_type")}, file
     for name in ("open_clip_config.json", "config.json"):
-        file = os.path.join(folder, name)
+        file = storage.join(folder, name)
         d = _json(file)
         if d is None:
             continue
@@ -311,8 +309,8 @@ def _llm(path: str, config: Qwen2VLConfig, report: LoadReport, problems: list[st
     except (CheckpointError, FileNotFoundError) as e:
         raise CheckpointError(f"language checkpoint: {e}") from None
     t = config.text
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    meta = _json(os.path.join(folder, "config.json")) or {}
+    folder = path if storage.isdir(path) else storage.dirname(path)
+    meta = _json(storage.join(folder, "config.json")) or {}
     names = set(reader.keys())
     embed = "model.embed_tokens.weight"
     if embed not in names:

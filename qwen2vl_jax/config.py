@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 
@@ -93,10 +92,10 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Qwen2VLConfig":
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        from qwen2vl_jax import storage
+        file = storage.join(path, "config.json") if storage.isdir(path) else path
         try:
-            with open(file) as f:
-                d = json.load(f)
+            d = json.loads(storage.read_text(file))
         except FileNotFoundError:
             raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL checkpoint directory") from None
         except json.JSONDecodeError as e:
@@ -107,9 +106,8 @@ class Qwen2VLConfig:
         return to_hf_dict(self)
 
     def save_pretrained(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+        from qwen2vl_jax import storage
+        storage.write_text(storage.join(path, "config.json"), json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))
 
 
 def validate(c: Qwen2VLConfig) -> None:

@@ -1,9 +1,11 @@
 """Hugging Face safetensors <-> our params (docs/design.md, "Checkpoints").
 
 Reads both on-disk layouts (`visual.*` / `model.*` and `model.visual.*` / `model.language_model.*`), single
-files and sharded `model.safetensors.index.json`, the tied 2B head, in f32 or bf16. Tensors are read lazily
-from memory-mapped files, one at a time, and can be placed straight onto a mesh: each device reads only its
-own slice, so a 72B never needs the whole model in one host's memory twice.
+files and sharded `model.safetensors.index.json`, the tied 2B head, in f32 or bf16. Tensors are read lazily,
+one at a time, and can be placed straight onto a mesh: each device reads only the rows of the stored tensor
+that its slice needs, so a 72B never needs the whole model in one host's memory twice. A checkpoint may be a
+local directory (memory-mapped) or a URL such as gs://bucket/model: the headers and then each slice are
+fetched with ranged reads, never a full local copy. Exports write to either, one tensor in memory at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 
 
@@ -32,7 +35,7 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 # -- safetensors files ------------------------------------------------------------------------------
 
 class SafetensorsReader:
-    """All tensors of a checkpoint directory (or one file), memory-mapped, keyed by name."""
+    """All tensors of a checkpoint directory (or one file), local or at a URL, keyed by name."""
 
     def __init__(self, path: str):
         self.path = path
@@ -51,63 +54,93 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name`, or only `rows` of its first axis (a contiguous byte range, so that is all that is
+        read: memory-mapped locally, one ranged request from a URL)."""
         f, info = self._where[name]
-        if f not in self._maps:
-            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
-        start, end = info["data_offsets"]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
-        raw = self._maps[f][info["offset"] + start: info["offset"] + end]
-        return raw.view(dtype).reshape(info["shape"])
+        start, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if rows is not None and shape and shape[0]:
+            r0, r1, step = rows.indices(shape[0])
+            if step == 1:
+                row_bytes = (end - start) // shape[0]
+                start, end, shape[0] = start + r0 * row_bytes, start + max(r0, r1) * row_bytes, max(0, r1 - r0)
+                rows = None
+        start, end = info["offset"] + start, info["offset"] + end
+        if storage.is_url(f):
+            raw = np.frombuffer(storage.read_range(f, start, end), np.uint8)
+        else:
+            if f not in self._maps:
+                self._maps[f] = np.memmap(storage.abspath(f), dtype=np.uint8, mode="r")
+            raw = self._maps[f][start:end]
+        out = raw.view(dtype).reshape(shape)
+        return out if rows is None else out[rows]
 
 
 def _checkpoint_files(path: str) -> list[str]:
-    if os.path.isfile(path):
+    if storage.isfile(path):
         return [path]
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = sorted({os.path.join(path, v) for v in weight_map.values()})
-        missing = [f for f in files if not os.path.exists(f)]
+    index = storage.join(path, "model.safetensors.index.json")
+    if storage.exists(index):
+        weight_map = json.loads(storage.read_text(index)).get("weight_map", {})
+        files = sorted({storage.join(path, v) for v in weight_map.values()})
+        missing = [f for f in files if not storage.exists(f)]
         if missing:
             raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
         return files
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not storage.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory or safetensors file")
+    files = sorted(storage.join(path, f) for f in storage.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files (and no model.safetensors.index.json)")
     return files
 
 
 def _read_header(file: str) -> tuple[dict, int]:
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            return json.loads(f.read(n)), 8 + n
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file}: corrupt safetensors header") from None
+    head = storage.read_range(file, 0, 8)
+    if len(head) < 8:
+        raise CheckpointError(f"{file}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > 100 * 2 ** 20:
+        raise CheckpointError(f"{file}: corrupt safetensors header (claims {n} bytes)")
+    try:
+        return json.loads(storage.read_range(file, 8, 8 + n)), 8 + n
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: corrupt safetensors header") from None
+
+
+def _header(specs: list[tuple[str, tuple, np.dtype]]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _write_file(file: str, specs: list[tuple[str, tuple, np.dtype]], arrays: Iterator[np.ndarray]) -> None:
+    """One safetensors file whose header is known up front, its tensors streamed in one at a time. Local
+    files are written beside and renamed into place; an upload appears only once complete."""
+    target = file if storage.is_url(file) else f"{file}.tmp{os.getpid()}"
+    with storage.open(target, "wb") as f:
+        f.write(_header(specs))
+        for (name, shape, dtype), a in zip(specs, arrays):
+            a = np.ascontiguousarray(a)
+            if a.shape != tuple(shape) or a.dtype != dtype:
+                raise ValueError(f"{name}: got {a.shape} {a.dtype}, the header says {tuple(shape)} {dtype}")
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    if target != file:
+        os.replace(target, file)
 
 
 def write_safetensors(file: str, tensors: dict[str, np.ndarray]) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    arrays = {}
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        arrays[name] = a
-        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(a.tobytes())
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    _write_file(file, [(n, a.shape, a.dtype) for n, a in arrays.items()], iter(arrays.values()))
 
 
 # -- the name map -----------------------------------------------------------------------------------
@@ -198,11 +231,11 @@ def load_params(path: str, config: Qwen2VLConfig, dtype=np.float32, shardings=No
     def source(ours):
         hf, n, fn, _ = pmap[ours]
         if n is None:
-            return lambda idx=(): np.asarray(fn(reader.get(names[hf])))[idx].astype(dtype)
+            return lambda idx=(): _slice(reader, names[hf], fn, tuple(idx)).astype(dtype)
 
         def read(idx=()):
             layers = range(n)[idx[0]] if idx else range(n)
-            return np.stack([np.asarray(fn(reader.get(names[hf.format(i=i)])))[tuple(idx[1:])].astype(dtype)
+            return np.stack([_slice(reader, names[hf.format(i=i)], fn, tuple(idx[1:])).astype(dtype)
                              for i in layers])
         return read
 
@@ -212,17 +245,40 @@ def load_params(path: str, config: Qwen2VLConfig, dtype=np.float32, shardings=No
         read = source(ours)
         if ours in flat_shardings:
             shape = _our_shape(pmap[ours])
-            arr = jax.make_array_from_callback(shape, flat_shardings[ours], lambda idx, r=read: r(_norm_idx(idx)))
+            arr = jax.make_array_from_callback(shape, flat_shardings[ours], _once_per_slice(read))
         else:
             arr = jax.numpy.asarray(read())
         _set(tree, ours, arr)
     return tree
 
 
+def _slice(reader: SafetensorsReader, name: str, fn: Callable, idx: tuple) -> np.ndarray:
+    """fn(stored tensor)[idx], reading only the stored rows that `idx` needs (2-D kernels are stored
+    transposed, so their second index selects the stored rows)."""
+    if fn is _same and idx and isinstance(idx[0], slice):
+        return np.asarray(reader.get(name, idx[0]))[(slice(None),) + idx[1:]]
+    if fn is _linear and len(idx) == 2 and isinstance(idx[1], slice):
+        return np.asarray(fn(reader.get(name, idx[1])))[idx[0], :]
+    return np.asarray(fn(reader.get(name)))[idx]
+
+
 def _our_shape(entry) -> tuple[int, ...]:
     _, n, fn, shape = entry
     one = fn(np.empty(shape, np.uint8)).shape
     return (n, *one) if n else tuple(one)
+
+
+def _once_per_slice(read: Callable) -> Callable:
+    """A device callback for `read` under which devices holding the same slice (replicas) share one read."""
+    done: dict = {}
+
+    def callback(idx):
+        idx = _norm_idx(idx)
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)   # slices: unhashable
+        if key not in done:
+            done[key] = read(idx)
+        return done[key]
+    return callback
 
 
 def _norm_idx(idx):
@@ -278,39 +334,36 @@ def save_processing(config: Qwen2VLConfig, path: str, processor=None, generation
 
 
 def save_params(params, config: Qwen2VLConfig, path: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
-    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) in the HF layout;
-    `save_processing` writes the rest of a checkpoint."""
-    os.makedirs(path, exist_ok=True)
-    # Shards are written as soon as they fill up, so only one shard is ever held in host memory.
-    written: list[tuple[str, list[str]]] = []
-    current: dict[str, np.ndarray] = {}
-    size, total, dtype = 0, 0, None
-
-    def flush():
-        tmp = os.path.join(path, f".shard-{len(written):05d}.tmp")
-        write_safetensors(tmp, current)
-        written.append((tmp, list(current)))
-
-    for name, a in hf_tensors(params, config):
-        dtype = dtype or a.dtype
-        if current and size + a.nbytes > max_shard_bytes:
-            flush()
-            current, size = {}, 0
-        current[name] = a
-        size += a.nbytes
-        total += a.nbytes
-    flush()
-    if len(written) == 1:
-        os.replace(written[0][0], os.path.join(path, "model.safetensors"))
-    else:
-        weight_map = {}
-        for i, (tmp, names) in enumerate(written):
-            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            os.replace(tmp, os.path.join(path, fname))
-            weight_map.update({n: fname for n in names})
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) in the HF layout, to a
+    local directory or a URL (`save_processing` writes the rest of a checkpoint). Shards are planned from the
+    shapes first, so each file is written in one pass under its final name with one tensor in host memory at
+    a time."""
+    storage.makedirs(path)
+    flat = _flatten(params)
+    specs = []
+    for ours, (hf, n, _, shape) in param_map(config).items():
+        dtype = np.dtype(flat[ours].dtype)
+        specs += [(hf.format(i=i) if n else hf, tuple(shape), dtype) for i in range(n or 1)]
+    shards: list[list] = [[]]
+    size = total = 0
+    for spec in specs:
+        nbytes = int(np.prod(spec[1], dtype=np.int64)) * spec[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+        total += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    tensors = (a for _, a in hf_tensors(params, config))
+    for fname, shard in zip(names, shards):
+        _write_file(storage.join(path, fname), shard, tensors)
+    if len(shards) > 1:
+        weight_map = {spec[0]: fname for fname, shard in zip(names, shards) for spec in shard}
+        storage.write_text(storage.join(path, "model.safetensors.index.json"),
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     d = config.to_hf_dict()
+    dtype = specs[0][2] if specs else np.dtype(np.float32)
     d["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(dtype), "float32")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
+    storage.write_text(storage.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True))

@@ -12,6 +12,8 @@ import os
 import re
 from collections import defaultdict
 
+from qwen2vl_jax import storage
+
 
 @dataclasses.dataclass
 class LoadReport:
@@ -68,12 +70,9 @@ class LoadReport:
 
     def save(self, workdir: str) -> tuple[str, str]:
         """Write `load_report.txt` and `load_report.json` into `workdir`; returns both paths."""
-        os.makedirs(workdir, exist_ok=True)
-        txt, js = os.path.join(workdir, "load_report.txt"), os.path.join(workdir, "load_report.json")
-        with open(txt, "w") as f:
-            f.write(self.to_text() + "\n")
-        with open(js, "w") as f:
-            f.write(self.to_json() + "\n")
+        txt, js = storage.join(workdir, "load_report.txt"), storage.join(workdir, "load_report.json")
+        storage.write_text(txt, self.to_text() + "\n")
+        storage.write_text(js, self.to_json() + "\n")
         return txt, js
 
 

@@ -5,10 +5,15 @@ Object stores are not file systems, and nothing here pretends they are:
 - there are no directories: `makedirs` is a no-op for URLs and `isdir` means "some object has this prefix";
 - objects cannot be appended to or renamed: write whole objects (`write_bytes` / `write_text`);
 - `glob` supports `*`, `?` and `[...]` within one path level, never `**`.
+
+Failures of a URL come back as one-line errors that say what to do: `BucketNotFound`, `ObjectNotFound` (both
+FileNotFoundError), `NoCredentials` / `AccessDenied` (PermissionError) and `MissingClient` (ImportError).
+Listings are never cached: another host (or orbax) may have written since.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -37,18 +42,29 @@ def _local(path: str | os.PathLike) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-@functools.lru_cache(maxsize=None)
 def _filesystem(proto: str):
-    import fsspec
+    # Per process: a client's connections (and its event loop thread) do not survive a fork.
+    return _filesystem_of(proto, os.getpid())
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem_of(proto: str, pid: int):
     try:
-        return fsspec.filesystem(proto)
-    except ImportError as e:
+        import fsspec
+        cls = fsspec.get_filesystem_class(proto)
+    except (ImportError, ValueError) as e:   # ValueError: fsspec knows no such protocol
         raise MissingClient(proto, e) from None
-    except ValueError as e:   # fsspec: "Protocol not known"
-        raise MissingClient(proto, e) from None
+    try:
+        return cls(use_listings_cache=False)
+    except TypeError:   # a client without fsspec's listings cache
+        return cls()
 
 
-class MissingClient(ImportError):
+class StorageError(Exception):
+    """Base of the path layer's one-line errors (each also an OSError or ImportError subclass)."""
+
+
+class MissingClient(StorageError, ImportError):
     """A URL whose protocol has no installed fsspec client."""
 
     PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
@@ -56,8 +72,81 @@ class MissingClient(ImportError):
 
     def __init__(self, proto: str, cause: Exception):
         package = self.PACKAGES.get(proto)
-        hint = f"install {package} (pip install {package})" if package else "install the fsspec client for it"
-        super().__init__(f"no client for {proto}:// paths is installed ({cause}); {hint}")
+        hint = f"pip install {package}" if package else "install the fsspec client for it"
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        super().__init__(f"no client for {proto}:// paths is installed ({why}); {hint}")
+
+
+class BucketNotFound(StorageError, FileNotFoundError):
+    """The bucket of a URL does not exist (or the account in use cannot see it)."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """No object (and no prefix) at a URL in an existing bucket."""
+
+
+class NoCredentials(StorageError, PermissionError):
+    """A store refused an anonymous request: no credentials were found."""
+
+
+class AccessDenied(StorageError, PermissionError):
+    """A store refused the request of the account in use."""
+
+
+CREDENTIALS = {
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file or run `gcloud auth "
+          "application-default login` (a TPU/GCE VM uses its service account)",
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+}
+CREDENTIALS["gcs"], CREDENTIALS["s3a"] = CREDENTIALS["gs"], CREDENTIALS["s3"]
+
+
+def _bucket(path: str) -> str:
+    proto, _, rest = path.partition("://")
+    return f"{proto}://{rest.split('/', 1)[0]}"
+
+
+def _anonymous(fs) -> bool:
+    creds = getattr(fs, "credentials", None)   # gcsfs: the method it connected with
+    return getattr(creds, "method", None) == "anon" or getattr(fs, "anon", False) is True
+
+
+def _explain(path: str, fs, e: Exception) -> Exception | None:
+    """A one-line error for a failed operation on URL `path`, or None to let `e` through."""
+    proto = protocol(path)
+    if isinstance(e, FileNotFoundError) and not isinstance(e, (BucketNotFound, ObjectNotFound)):
+        bucket = _bucket(path)
+        try:
+            bucket_exists = fs.exists(bucket)
+        except Exception:   # noqa: BLE001 - keep the original error when even this check fails
+            bucket_exists = True
+        if not bucket_exists:
+            return BucketNotFound(f"{path}: the bucket {bucket} does not exist (or this account cannot see it); "
+                                  "create it or fix the path")
+        return ObjectNotFound(f"{path}: no such object")
+    code = getattr(e, "code", None)
+    text = str(e)
+    if code in (401, 403) or (code is None and isinstance(e, OSError) and text.startswith("Forbidden")):
+        how = CREDENTIALS.get(proto, f"configure credentials for {proto}://")
+        if _anonymous(fs):
+            return NoCredentials(f"{path}: access refused and no credentials were found; {how}")
+        if code == 401:
+            return NoCredentials(f"{path}: the credentials in use were refused (expired or invalid); {how}")
+        first = text.splitlines()[-1] if text else "forbidden"
+        return AccessDenied(f"{path}: the account in use may not access this ({first}); grant it access to "
+                            f"{_bucket(path)} or use other credentials")
+    return None
+
+
+@contextlib.contextmanager
+def _errors(path: str, fs):
+    try:
+        yield
+    except Exception as e:   # noqa: BLE001 - re-raised unchanged unless it can be explained
+        clear = _explain(path, fs, e)
+        if clear is None:
+            raise
+        raise clear from None
 
 
 def filesystem(path: str | os.PathLike):
@@ -100,43 +189,62 @@ def isabs(path: str | os.PathLike) -> bool:
 
 def open(path: str | os.PathLike, mode: str = "rb", **kwargs) -> IO[Any]:   # noqa: A001 - the module's verb
     """A file object for reading or writing a whole file/object. Append modes are refused for URLs: object
-    stores would silently overwrite."""
+    stores would silently overwrite. A URL written to is uploaded when the file is closed."""
     path = os.fspath(path)
     fs = filesystem(path)
     if fs is None:
         return io.open(_local(path), mode, **kwargs)
     if "a" in mode:
         raise ValueError(f"{path}: objects in a bucket cannot be appended to; write the whole object")
-    if "b" not in mode:
-        encoding = kwargs.pop("encoding", "utf-8")
-        return io.TextIOWrapper(fs.open(path, mode.replace("t", "") + "b", **kwargs), encoding=encoding,
-                                newline=kwargs.pop("newline", None))
-    return fs.open(path, mode, **kwargs)
+    if "w" in mode or "x" in mode:
+        require_bucket(path)   # an upload fails only at close, far from here: check now
+    binary_mode = mode.replace("t", "") + ("" if "b" in mode else "b")
+    encoding, newline = kwargs.pop("encoding", "utf-8"), kwargs.pop("newline", None)
+    with _errors(path, fs):
+        f = fs.open(path, binary_mode, **kwargs)
+    return f if "b" in mode else io.TextIOWrapper(f, encoding=encoding, newline=newline)
+
+
+def require_bucket(path: str | os.PathLike) -> None:
+    """Raises BucketNotFound / NoCredentials / AccessDenied unless the bucket of URL `path` can be used (a
+    no-op for local paths). For the start of a run: orbax and TensorBoard would otherwise fail deep inside."""
+    path = os.fspath(path)
+    fs = filesystem(path)
+    if fs is None:
+        return
+    bucket = _bucket(path)
+    with _errors(path, fs):
+        if not fs.exists(bucket):
+            fs.ls(bucket)   # exists() swallows the reason (missing, forbidden); a listing raises it
+            raise FileNotFoundError(bucket)
+
+
+def _url_call(path, method: str, *args, **kwargs):
+    path = os.fspath(path)
+    fs = filesystem(path)
+    with _errors(path, fs):
+        return getattr(fs, method)(path, *args, **kwargs)
 
 
 def exists(path: str | os.PathLike) -> bool:
-    fs = filesystem(path)
-    return os.path.exists(_local(path)) if fs is None else fs.exists(os.fspath(path))
+    return os.path.exists(_local(path)) if not is_url(path) else _url_call(path, "exists")
 
 
 def isfile(path: str | os.PathLike) -> bool:
-    fs = filesystem(path)
-    return os.path.isfile(_local(path)) if fs is None else fs.isfile(os.fspath(path))
+    return os.path.isfile(_local(path)) if not is_url(path) else _url_call(path, "isfile")
 
 
 def isdir(path: str | os.PathLike) -> bool:
-    fs = filesystem(path)
-    return os.path.isdir(_local(path)) if fs is None else fs.isdir(os.fspath(path))
+    return os.path.isdir(_local(path)) if not is_url(path) else _url_call(path, "isdir")
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
-    """Names (not paths) of the entries directly under `path`; [] when there are none."""
-    fs = filesystem(path)
-    if fs is None:
+    """Names (not paths) of the entries directly under `path`; [] when there are none (URLs)."""
+    if not is_url(path):
         return sorted(os.listdir(_local(path)))
     try:
-        entries = fs.ls(os.fspath(path), detail=False)
-    except FileNotFoundError:
+        entries = _url_call(path, "ls", detail=False)
+    except ObjectNotFound:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
@@ -147,28 +255,28 @@ def glob(pattern: str | os.PathLike) -> list[str]:
     if "**" in pattern:
         raise ValueError(f"{pattern}: '**' is not supported (object stores cannot list recursively in every "
                          "client); name each level, e.g. data/*/part-*.parquet")
-    fs = filesystem(pattern)
-    if fs is None:
+    if not is_url(pattern):
         import glob as globlib
         return sorted(globlib.glob(_local(pattern)))
     proto = protocol(pattern)
-    return sorted(f"{proto}://{p}" if not p.startswith(f"{proto}://") else p for p in fs.glob(pattern))
+    return sorted(p if p.startswith(f"{proto}://") else f"{proto}://{p}" for p in _url_call(pattern, "glob"))
 
 
 def makedirs(path: str | os.PathLike) -> None:
     """Creates a local directory (and its parents); a no-op for URLs, whose prefixes exist with their objects."""
-    if filesystem(path) is None:
+    if not is_url(path):
         os.makedirs(_local(path), exist_ok=True)
 
 
 def size(path: str | os.PathLike) -> int:
-    fs = filesystem(path)
-    return os.path.getsize(_local(path)) if fs is None else fs.size(os.fspath(path))
+    return os.path.getsize(_local(path)) if not is_url(path) else _url_call(path, "size")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    if not is_url(path):
+        with io.open(_local(path), "rb") as f:
+            return f.read()
+    return _url_call(path, "cat_file")
 
 
 def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
@@ -177,20 +285,53 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
 
 def read_range(path: str | os.PathLike, start: int, end: int) -> bytes:
     """Bytes [start, end) of a file or object: one ranged read for a URL, never the whole object."""
-    fs = filesystem(path)
-    if fs is None:
+    if not is_url(path):
         with io.open(_local(path), "rb") as f:
             f.seek(start)
             return f.read(end - start)
-    return fs.cat_file(os.fspath(path), start=start, end=end)
+    return _url_call(path, "cat_file", start=start, end=end)
+
+
+def read_ranges(path: str | os.PathLike, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Several [start, end) byte ranges of one file or object; for a URL the requests run concurrently."""
+    if not is_url(path) or len(ranges) < 2:
+        return [read_range(path, a, b) for a, b in ranges]
+    path = os.fspath(path)
+    fs = filesystem(path)
+    with _errors(path, fs):
+        return fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+
+
+def read_many(paths) -> dict[str, bytes]:
+    """{url: bytes} of the URLs among `paths`, fetched concurrently (many small objects read one at a time
+    would each wait a full round trip). Local paths and objects that cannot be read are left out: the
+    caller's own read of those reports the error."""
+    groups: dict[str, list[str]] = {}
+    for p in dict.fromkeys(os.fspath(p) for p in paths):
+        if is_url(p):
+            groups.setdefault(protocol(p), []).append(p)
+    out = {}
+    for proto, group in groups.items():
+        fs = _filesystem(proto)
+        if len(group) == 1:
+            try:
+                out[group[0]] = fs.cat_file(group[0])
+            except Exception:   # noqa: BLE001 - reported by the caller's own read
+                pass
+            continue
+        got = fs.cat(group, on_error="omit")
+        for p in group:
+            data = got.get(p, got.get(fs._strip_protocol(p)))
+            if data is not None:
+                out[p] = data
+    return out
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes a whole file or object. Local files are written beside and renamed into place, so a reader
     never sees half a file; an object store's single upload is atomic already."""
     path = os.fspath(path)
-    fs = filesystem(path)
-    if fs is None:
+    if not is_url(path):
         local = _local(path)
         parent = os.path.dirname(local)
         if parent:
@@ -200,7 +341,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, local)
         return
-    fs.pipe_file(path, data)
+    _url_call(path, "pipe_file", data)
 
 
 def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -208,8 +349,7 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> N
 
 
 def remove(path: str | os.PathLike) -> None:
-    fs = filesystem(path)
-    if fs is None:
+    if not is_url(path):
         os.remove(_local(path))
     else:
-        fs.rm_file(os.fspath(path))
+        _url_call(path, "rm_file")

@@ -21,6 +21,31 @@ def hf_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A running GCS emulator (tests/gcs.py) that this process and its subprocesses use for gs:// paths. A
+    missing binary fails the tests that need it: the cloud paths are part of what the project ships."""
+    import gcs as gcs_lib
+    server = gcs_lib.FakeGCS(str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"))
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(gcs, request):
+    """A fresh bucket for one test: gs://<name>."""
+    import re
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid()}"
+    return gcs.create_bucket(name)
+
+
 def pytest_configure(config):
     # GPUs run f32 matmuls in TF32 by default (about 1e-3 relative); the parity tests hold f32 to 1e-5.
     import jax

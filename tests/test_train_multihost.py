@@ -1,7 +1,8 @@
 """Two processes x 4 simulated CPU devices, as two hosts of a slice: `jax.distributed.initialize` from the
 environment, each host loading its own rows, a (fsdp 2, tensor 4) mesh across both, orbax checkpoints
 (with each host's own data-iterator state) and the HF export written together, the same global loss seen by
-both, and a resume on both hosts."""
+both, and a resume on both hosts; once on a local workdir and once on a shared gs:// workdir (the GCS
+emulator), where the hosts share nothing but the bucket."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import qwen2vl_jax as qv
+from qwen2vl_jax import storage
 from qwen2vl_jax.train.checkpoint import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,15 +44,17 @@ def _run(workdir, port, cache, steps):
 
 
 @pytest.mark.slow   # two train.py processes over gloo collectives, started twice: ~3-5 min on 2 cores
-def test_two_hosts_train_checkpoint_resume_and_export(tmp_path):
-    workdir, cache = tmp_path / "run", tmp_path / "jax_cache"
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_two_hosts_train_checkpoint_resume_and_export(tmp_path, request, where):
+    cache = tmp_path / "jax_cache"
+    workdir = str(tmp_path / "run") if where == "local" else request.getfixturevalue("bucket") + "/run"
     outs, summaries = _run(workdir, _free_port(), cache, steps=2)
     assert summaries[0]["end_step"] == 2 and np.isfinite(summaries[0]["loss_last"])
     for key in ("loss_first", "loss_last"):
         assert summaries[0][key] == summaries[1][key]   # one global loss, computed once over both hosts' rows
     assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4} over 8 cpu devices, 2 process(es)" in outs[0]
-    data_dir = workdir / "checkpoints" / "2" / "data"
-    hosts = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    data_dir = storage.join(workdir, "checkpoints", "2", "data")
+    hosts = [json.loads(storage.read_text(storage.join(data_dir, f"process_{i}-of-2.json"))) for i in range(2)]
     assert [h["layout"]["rows"] for h in hosts] == [[0, 2], [2, 4]]   # each host its own rows and state
     # A state counts positions in the host's own shard, so two hosts may hold equal ones; what matters is that
     # each saved its own and read examples (the resume below restores both without a warning).
@@ -61,7 +65,7 @@ def test_two_hosts_train_checkpoint_resume_and_export(tmp_path):
     assert [s["start_step"] for s in summaries] == [2, 2] and [s["end_step"] for s in summaries] == [3, 3]
     assert summaries[0]["loss_last"] == summaries[1]["loss_last"]
 
-    _, params = restore_params(str(workdir))
-    exported = qv.load_pretrained(str(workdir / "hf"))
+    _, params = restore_params(workdir)
+    exported = qv.load_pretrained(storage.join(workdir, "hf"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exported.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,6 +15,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qwen2vl_jax import storage
+
 PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2
 MERGE_SIZE = 2
@@ -58,8 +60,8 @@ def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int 
 # -- loading and colour hygiene ----------------------------------------------------------------------------
 
 def load_image(source) -> Image.Image:
-    """An upright RGB PIL image from a path, `file://` URI, base64 `data:` URI, raw bytes, PIL image, or a uint8
-    array (H, W), (H, W, 3) or (H, W, 4)."""
+    """An upright RGB PIL image from a path, a URL of a store (gs://, s3://, ...), `file://` URI, base64 `data:`
+    URI, raw bytes, PIL image, or a uint8 array (H, W), (H, W, 3) or (H, W, 4)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
@@ -78,6 +80,11 @@ def load_image(source) -> Image.Image:
             raise ValueError(f"{name}: URLs are not fetched; download the image and give its path")
         if name.startswith("file://"):
             name = name[len("file://"):]
+        if storage.is_url(name):   # one whole-object read; decoding needs all the bytes anyway
+            try:
+                return _open(io.BytesIO(storage.read_bytes(name)), name)
+            except storage.ObjectNotFound:
+                raise ValueError(f"image file not found: {name}") from None
         try:
             with open(name, "rb") as f:
                 return _open(f, name)

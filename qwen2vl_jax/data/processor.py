@@ -17,6 +17,7 @@ import re
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, OPENAI_CLIP_MEAN,
                                     OPENAI_CLIP_STD, PATCH_SIZE, TEMPORAL_PATCH_SIZE, describe, preprocess_image)
 from qwen2vl_jax.data.records import IMAGE_KEYS, VIDEO_KEYS, DataError, Record, normalize_messages
@@ -249,17 +250,17 @@ class Processor:
         """An HF checkpoint directory: tokenizer.json, the chat template (chat_template.jinja / .json, or
         tokenizer_config.json) and the pixel settings of preprocessor_config.json (and
         video_preprocessor_config.json when present; otherwise the qwen-vl-utils video defaults)."""
-        file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
+        file = storage.join(path, "tokenizer.json")
+        if not storage.isfile(file):
             raise ValueError(f"no tokenizer.json in {path}; give a complete HF Qwen2-VL checkpoint directory "
                              "(save_pretrained and the training export write one), or build the processor a "
                              "model's config implies: Processor.for_model(Qwen2VLConfig.from_pretrained(path))")
         settings = {}
-        image = _read_json(os.path.join(path, "preprocessor_config.json"))
+        image = _read_json(storage.join(path, "preprocessor_config.json"))
         _check_vision_settings(image, path)
         settings["image_min_pixels"], settings["image_max_pixels"] = _pixels(image, IMAGE_MIN_PIXELS,
                                                                              IMAGE_MAX_PIXELS)
-        video = _read_json(os.path.join(path, "video_preprocessor_config.json"))
+        video = _read_json(storage.join(path, "video_preprocessor_config.json"))
         if video:
             settings["video_min_pixels"], settings["video_max_pixels"] = _pixels(video, VIDEO_MIN_PIXELS,
                                                                                  VIDEO_MAX_PIXELS)
@@ -268,8 +269,7 @@ class Processor:
                 settings[key] = int(image[key])
         settings["chat_template"] = _read_chat_template(path)
         settings.update(kwargs)
-        with open(file, encoding="utf-8") as f:
-            return cls._from_json(f.read(), **settings)
+        return cls._from_json(storage.read_text(file), **settings)
 
     @classmethod
     def _from_json(cls, text: str, **kwargs) -> "Processor":
@@ -284,7 +284,7 @@ class Processor:
         tokenizer.json, tokenizer_config.json (special tokens, chat template), chat_template.json and
         preprocessor_config.json (plus video_preprocessor_config.json when the video settings are not the
         defaults). transformers' `AutoProcessor` and `Processor.from_pretrained` read them back."""
-        os.makedirs(path, exist_ok=True)
+        storage.makedirs(path)
         template = self.chat_template or QWEN2VL_CHAT_TEMPLATE
         added = self.tokenizer.get_added_tokens_decoder()
         specials = [t.content for _, t in sorted(added.items()) if t.special and t.content != "<|endoftext|>"]
@@ -319,11 +319,9 @@ class Processor:
                 "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
                 "max_pixels": self.video_max_pixels,
                 "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}}
-        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-            f.write(self._tokenizer_json or self.tokenizer.to_str())
+        storage.write_text(storage.join(path, "tokenizer.json"), self._tokenizer_json or self.tokenizer.to_str())
         for name, content in files.items():
-            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2, ensure_ascii=False)
+            storage.write_text(storage.join(path, name), json.dumps(content, indent=2, ensure_ascii=False))
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -456,6 +454,7 @@ class Processor:
 
     def _encode_items(self, messages, kind: str) -> tuple[np.ndarray, np.ndarray]:
         items = [it for m in messages for it in m["content"] if it["type"] == kind]
+        fetched = _fetch_urls(items, kind)
         results = []
         for k, item in enumerate(items, 1):
             try:
@@ -463,7 +462,8 @@ class Processor:
                     kw = {key: item[key] for key in IMAGE_KEYS if key in item}
                     kw.setdefault("min_pixels", self.image_min_pixels)
                     kw.setdefault("max_pixels", self.image_max_pixels)
-                    results.append(preprocess_image(item["image"], **kw, **self._patching()))
+                    results.append(preprocess_image(fetched.get(_key(item["image"]), item["image"]), **kw,
+                                                    **self._patching()))
                 else:
                     kw = {key: item[key] for key in VIDEO_KEYS if key in item}
                     kw.setdefault("min_pixels", self.video_min_pixels)
@@ -471,7 +471,10 @@ class Processor:
                     kw.setdefault("total_pixels", self.video_total_pixels)
                     if "nframes" in kw:
                         kw["nframes"] = int(kw["nframes"])
-                    results.append(preprocess_video(item["video"], **kw, **self._patching()))
+                    video = item["video"]
+                    if isinstance(video, (list, tuple)):   # frames: fetched ones as bytes
+                        video = [fetched.get(_key(f), f) for f in video]
+                    results.append(preprocess_video(video, **kw, **self._patching()))
             except ValueError as e:
                 name = describe(item[kind])
                 raise ValueError(f"{kind} {k}{'' if name in str(e) else f' ({name})'}: {e}") from None
@@ -509,12 +512,27 @@ def _flatten(images) -> list:
     return [im for entry in images for im in (entry if isinstance(entry, (list, tuple)) else [entry])]
 
 
+def _key(source):
+    return source if isinstance(source, str) else None
+
+
+def _fetch_urls(items: list[dict], kind: str) -> dict[str, bytes]:
+    """The bytes of every image (or video frame) of a record that lives at a URL, read concurrently; a
+    missing one is left out so that its own read names it."""
+    urls = []
+    for item in items:
+        frames = isinstance(item[kind], (list, tuple))
+        if kind == "video" and not frames:
+            continue   # a video file is decoded from a seekable remote file instead
+        urls += [s for s in (item[kind] if frames else [item[kind]]) if isinstance(s, str) and storage.is_url(s)]
+    return storage.read_many(urls) if urls else {}
+
+
 def _read_json(file: str) -> dict:
-    if not os.path.isfile(file):
+    if not storage.isfile(file):
         return {}
     try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
 
@@ -533,12 +551,11 @@ def _check_vision_settings(cfg: dict, path: str) -> None:
 
 
 def _read_chat_template(path: str) -> str | None:
-    jinja = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+    jinja = storage.join(path, "chat_template.jinja")
+    if storage.isfile(jinja):
+        return storage.read_text(jinja)
     for name in ("chat_template.json", "tokenizer_config.json"):
-        template = _read_json(os.path.join(path, name)).get("chat_template")
+        template = _read_json(storage.join(path, name)).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template:

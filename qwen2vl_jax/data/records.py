@@ -12,16 +12,19 @@ Two forms are accepted per message and may be mixed within a record:
                   {"role": "assistant", "content": "red"}]}
 
 Canonical form: every message's content is a list of items; every image/video item holds its source under
-"image"/"video" plus its own pixel settings. Paths in a JSONL file are relative to that file.
+"image"/"video" plus its own pixel settings. Paths in a JSONL file are relative to that file, also when it
+lives in a bucket (gs://b/data/train.jsonl with "imgs/1.png" reads gs://b/data/imgs/1.png); absolute paths and
+URLs are taken as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Callable, Iterator
+
+from qwen2vl_jax import storage
 
 ROLES = ("system", "user", "assistant")
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -54,11 +57,12 @@ class Record:
 def read_jsonl(path: str, on_error: Callable[[DataError], None] | None = None) -> Iterator[Record]:
     """Records of a JSONL file, one per non-blank line. A bad line raises `DataError("path:line: ...")`, or,
     with `on_error`, is handed to it and skipped (the caller counts and enforces its skip budget)."""
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.dirname(storage.abspath(path))
     try:
-        f = open(path, encoding="utf-8")
+        f = storage.open(path, "r", encoding="utf-8")
     except OSError as e:
-        raise DataError(f"{path}: cannot open the data file ({e.strerror})") from None
+        reason = e.strerror or str(e).removeprefix(f"{path}: ")   # storage errors name the path already
+        raise DataError(f"{path}: cannot open the data file ({reason})") from None
     with f:
         lineno = 0
         while True:
@@ -227,8 +231,8 @@ def _resolve(source: Any, base_dir: str | None) -> Any:
     if isinstance(source, list):
         return [_resolve(s, base_dir) for s in source]
     if base_dir and isinstance(source, str) and not source.startswith(("data:", "http://", "https://", "file://")) \
-            and not os.path.isabs(source):
-        return os.path.join(base_dir, source)
+            and not storage.isabs(source):
+        return storage.join(base_dir, source)
     return source
 
 

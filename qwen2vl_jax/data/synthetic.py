@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import io
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, smart_resize
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 205, 30),
@@ -73,11 +74,11 @@ class SyntheticConfig:
 
 
 def train_path(data_dir: str) -> str:
-    return os.path.join(data_dir, "train.jsonl")
+    return storage.join(data_dir, "train.jsonl")
 
 
 def heldout_path(data_dir: str) -> str:
-    return os.path.join(data_dir, "heldout.jsonl")
+    return storage.join(data_dir, "heldout.jsonl")
 
 
 def generate(data_dir: str, size: int = 2000, heldout_size: int = 200, seed: int = 0,
@@ -86,12 +87,11 @@ def generate(data_dir: str, size: int = 2000, heldout_size: int = 200, seed: int
     A directory already holding this exact set (same size, seed and config) is reused as it is."""
     config = config or SyntheticConfig()
     manifest = {"size": size, "heldout_size": heldout_size, "seed": seed, "config": dataclasses.asdict(config)}
-    manifest_file = os.path.join(data_dir, "manifest.json")
-    if os.path.exists(manifest_file) and os.path.exists(heldout_path(data_dir)):
-        with open(manifest_file) as f:
-            if json.load(f) == json.loads(json.dumps(manifest)):
-                return train_path(data_dir), heldout_path(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
+    manifest_file = storage.join(data_dir, "manifest.json")
+    if storage.exists(manifest_file) and storage.exists(heldout_path(data_dir)):
+        if json.loads(storage.read_text(manifest_file)) == json.loads(json.dumps(manifest)):
+            return train_path(data_dir), heldout_path(data_dir)
+    storage.makedirs(data_dir)
     for split, n in (("train", size), ("heldout", heldout_size)):
         jobs = [(data_dir, split, i, seed, config) for i in range(n)]
         if workers > 0:
@@ -100,11 +100,9 @@ def generate(data_dir: str, size: int = 2000, heldout_size: int = 200, seed: int
         else:
             records = [_make_job(j) for j in jobs]
         path = train_path(data_dir) if split == "train" else heldout_path(data_dir)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(path + ".tmp", path)
-    with open(manifest_file, "w") as f:   # last: a half-written set is never taken for a finished one
-        json.dump(manifest, f)
+        storage.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    # last: a half-written set is never taken for a finished one
+    storage.write_text(manifest_file, json.dumps(manifest))
     return train_path(data_dir), heldout_path(data_dir)
 
 
@@ -310,7 +308,7 @@ def _draw(rng, w, h, shapes, background=None) -> Image.Image:
 
 
 def _save(img: Image.Image, data_dir: str, rel: str) -> str:
-    path = os.path.join(data_dir, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path, compress_level=1)   # fast; PNG stays lossless and deterministic
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)   # fast; PNG stays lossless and deterministic
+    storage.write_bytes(storage.join(data_dir, rel), buf.getvalue())
     return rel

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from qwen2vl_jax import storage
+
 from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, PATCH_SIZE,
                                     TEMPORAL_PATCH_SIZE, load_image, normalize, patchify, resize_frames,
                                     smart_resize)
@@ -75,7 +77,7 @@ def read_video(path: str | bytes, indices=None) -> tuple[np.ndarray, float]:
     keep = None if indices is None else {int(i) for i in indices}
     frames = []
     try:
-        with av.open(_input(path)) as container:
+        with _av_open(av, path) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if keep is None or i in keep:
                     frames.append(frame.to_ndarray(format="rgb24"))
@@ -87,14 +89,14 @@ def read_video(path: str | bytes, indices=None) -> tuple[np.ndarray, float]:
 
 
 def probe_video(path: str | bytes) -> tuple[int, float]:
-    """(frame count, frames per second) of a video file or its bytes. Frames are counted by demuxing, not read
-    from the header, because container headers often hold estimates."""
+    """(frame count, frames per second) of a video file, object or its bytes. Frames are counted by demuxing,
+    not read from the header, because container headers often hold estimates."""
     name = _name(path)
-    if not isinstance(path, (bytes, bytearray)) and not os.path.isfile(path):
+    if not isinstance(path, (bytes, bytearray)) and not storage.isfile(path):
         raise ValueError(f"video file not found: {path}")
     av = _import_av(name)
     try:
-        with av.open(_input(path)) as container:
+        with _av_open(av, path) as container:
             if not container.streams.video:
                 raise ValueError(f"{name}: no video stream in this file")
             stream = container.streams.video[0]
@@ -105,9 +107,12 @@ def probe_video(path: str | bytes) -> tuple[int, float]:
     return total, fps
 
 
-def _input(path):
-    # The same decoder reads a file and its embedded bytes, so both give the same frames.
-    return io.BytesIO(bytes(path)) if isinstance(path, (bytes, bytearray)) else path
+def _av_open(av, path):
+    """The same decoder reads a file, its embedded bytes (shards) and a URL's object (through a seekable file
+    object: ranged reads, not a local copy), so all give the same frames."""
+    if isinstance(path, (bytes, bytearray)):
+        return av.open(io.BytesIO(bytes(path)))
+    return av.open(storage.open(path, "rb") if storage.is_url(path) else path)
 
 
 def _name(path) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable
+
+from qwen2vl_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +59,11 @@ class GenerationConfig:
     def from_pretrained(cls, path: str, **overrides: Any) -> "GenerationConfig":
         """Read `generation_config.json` from an HF checkpoint directory (a missing file gives the defaults).
         Unknown keys are ignored; `overrides` win over the file."""
-        file = os.path.join(path, "generation_config.json")
+        file = storage.join(path, "generation_config.json")
         d: dict[str, Any] = {}
-        if os.path.exists(file):
+        if storage.exists(file):
             try:
-                with open(file) as f:
-                    d = json.load(f)
+                d = json.loads(storage.read_text(file))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}: not valid JSON ({e})") from None
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -78,9 +78,7 @@ class GenerationConfig:
         d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         if bos_token_id is not None:
             d["bos_token_id"] = bos_token_id
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "generation_config.json"), "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
+        storage.write_text(storage.join(path, "generation_config.json"), json.dumps(d, indent=2, sort_keys=True))
 
 
 def _ids(x) -> tuple[int, ...]:

@@ -12,13 +12,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
-import os
 import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from qwen2vl_jax import metrics as M
+from qwen2vl_jax import storage
 from qwen2vl_jax.data.records import DataError, parse_record
 from qwen2vl_jax.infer.config import GenerationConfig
 
@@ -64,12 +64,13 @@ def with_prompt_style(messages: list[dict], style: str) -> list[dict]:
 def read_examples(path: str, prompt_style: str = "plain", limit: int | None = None,
                   on_error: Callable[[DataError], None] | None = None) -> list[Example]:
     """Examples of a JSONL file. A bad record raises `DataError("file:line: ...")`, or goes to `on_error`."""
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.dirname(storage.abspath(path))
     out = []
     try:
-        f = open(path, encoding="utf-8")
+        f = storage.open(path, "r", encoding="utf-8")
     except OSError as e:
-        raise DataError(f"{path}: cannot open the evaluation data ({e.strerror})") from None
+        reason = e.strerror or str(e).removeprefix(f"{path}: ")
+        raise DataError(f"{path}: cannot open the evaluation data ({reason})") from None
     with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -243,12 +244,8 @@ class _NoBar:
 
 def write_report(report: Report, out_dir: str, extra: dict | None = None) -> tuple[str, str]:
     """`predictions.jsonl` (one line per example) and `metrics.json` in `out_dir`; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    pred_path, metrics_path = os.path.join(out_dir, "predictions.jsonl"), os.path.join(out_dir, "metrics.json")
-    with open(pred_path, "w", encoding="utf-8") as f:
-        for p in report.predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    with open(metrics_path, "w", encoding="utf-8") as f:
-        json.dump({**report.metrics, **(extra or {})}, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    pred_path, metrics_path = storage.join(out_dir, "predictions.jsonl"), storage.join(out_dir, "metrics.json")
+    storage.write_text(pred_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in report.predictions))
+    storage.write_text(metrics_path, json.dumps({**report.metrics, **(extra or {})}, indent=2, ensure_ascii=False)
+                       + "\n")
     return pred_path, metrics_path

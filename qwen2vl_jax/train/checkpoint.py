@@ -6,16 +6,17 @@
 - `model_config`: the model's HF config.json dict, so `restore_params` needs no training YAML;
 - `run`: the run config and trainable parts, for the record.
 
-Saves are asynchronous (training continues while the arrays are written) and atomic: orbax writes a
-temporary directory and renames it when complete, so a process killed mid-save leaves the previous
-checkpoint as the latest one.
+Saves are asynchronous (training continues while the arrays are written) and atomic: on a local disk orbax
+writes a temporary directory and renames it when complete; in a bucket (no renames) it writes the step in
+place and marks it complete with `commit_success.txt` last. Either way a process killed mid-save leaves the
+previous checkpoint as the latest one. The workdir may be a local path or a URL (`gs://bucket/run`): every
+host writes its own arrays and data state there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.train.state import TrainState
 
@@ -70,7 +72,7 @@ class Checkpoints:
     """The checkpoints of one workdir: save every so often, keep the last `keep`, restore the latest."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = storage.abspath(storage.join(workdir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -112,18 +114,23 @@ class Checkpoints:
 
 def step_dir(path: str) -> str:
     """The checkpoint step directory for `path`: a workdir (its latest checkpoint), a `checkpoints` dir, or
-    a step dir itself."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "model_config")):
+    a step dir itself. Local path or URL."""
+    path = storage.abspath(path).rstrip("/")
+    if storage.isdir(storage.join(path, "state")) and storage.isdir(storage.join(path, "model_config")):
         return path
-    for root in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(root):
-            steps = [int(d) for d in os.listdir(root) if re.fullmatch(r"\d+", d)
-                     and os.path.isdir(os.path.join(root, d, "state"))]
-            if steps:
-                return os.path.join(root, str(max(steps)))
+    for root in (storage.join(path, "checkpoints"), path):
+        names = storage.listdir(root) if storage.isdir(root) else []
+        steps = [int(d) for d in names if re.fullmatch(r"\d+", d) and _complete(storage.join(root, d))]
+        if steps:
+            return storage.join(root, str(max(steps)))
     raise FileNotFoundError(f"{path}: no orbax checkpoint here; give a training workdir, its checkpoints/ "
                             "directory or one step directory (checkpoints/<step>)")
+
+
+def _complete(step: str) -> bool:
+    # In a bucket a step is written in place, so a killed save leaves a step without its commit marker.
+    return storage.isdir(storage.join(step, "state")) and (
+        not storage.is_url(step) or storage.exists(storage.join(step, "commit_success.txt")))
 
 
 def read_model_config(path: str) -> Qwen2VLConfig:
@@ -134,7 +141,7 @@ def read_model_config(path: str) -> Qwen2VLConfig:
     except FileNotFoundError:
         raise FileNotFoundError(f"{d}: the checkpoint has no model_config item; it was not written by "
                                 "qwen2vl_jax.train") from None
-    return Qwen2VLConfig.from_hf_dict(hf_dict, source=os.path.join(d, "model_config"))
+    return Qwen2VLConfig.from_hf_dict(hf_dict, source=storage.join(d, "model_config"))
 
 
 def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
@@ -155,7 +162,7 @@ def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params_meta)
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
                           params_meta, shardings)
-    restored = checkpointer.restore(os.path.join(d, "state"), args=ocp.args.PyTreeRestore(
+    restored = checkpointer.restore(storage.join(d, "state"), args=ocp.args.PyTreeRestore(
         item={"params": target},
         restore_args={"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)},
         partial_restore=True))
@@ -182,19 +189,16 @@ class _Gathered:
 
 def export_hf(params: dict, config: Qwen2VLConfig, path: str, dtype: str = "float32", processor=None,
               generation=None) -> None:
-    """A complete HF checkpoint of `params` (`hf.save_params` + `hf.save_processing`): loads in transformers
-    and `load_pretrained`."""
-    import shutil
-    import tempfile
-
+    """A complete HF checkpoint of `params` (`hf.save_processing` + `hf.save_params`), to a local directory or
+    a URL: loads in transformers and `load_pretrained`."""
     import ml_dtypes
 
     from qwen2vl_jax import hf
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     lazy = jax.tree.map(lambda x: _Gathered(x, np_dtype), params)
-    # Every process must read every tensor (the gathers are collective); only process 0 keeps the files.
-    target = path if jax.process_index() == 0 else tempfile.mkdtemp()
-    hf.save_processing(config, target, processor, generation)   # checks the processor before the weights
-    hf.save_params(lazy, config, target)
-    if target != path:
-        shutil.rmtree(target, ignore_errors=True)
+    if jax.process_index() == 0:
+        hf.save_processing(config, path, processor, generation)   # checks the processor before the weights
+        hf.save_params(lazy, config, path)
+    else:   # every process takes part in every gather (they are collective); only process 0 writes
+        for _ in hf.hf_tensors(lazy, config):
+            pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
@@ -31,7 +30,7 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     test models such as the demo's."""
     kw = dict(image_min_pixels=cfg.data.image_min_pixels, image_max_pixels=cfg.data.image_max_pixels)
     for path in (cfg.data.tokenizer, cfg.init_from, cfg.model):
-        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if path and storage.isfile(storage.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path, **kw)
     if cfg.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer = {cfg.data.tokenizer}: no tokenizer.json there")
@@ -44,7 +43,7 @@ def generation(cfg: RunConfig):
     """The generation settings of the checkpoint the run started from (its generation_config.json), or None."""
     from qwen2vl_jax.infer.config import GenerationConfig
     for path in (cfg.init_from, cfg.model):
-        if path and os.path.isfile(os.path.join(path, "generation_config.json")):
+        if path and storage.isfile(storage.join(path, "generation_config.json")):
             return GenerationConfig.from_pretrained(path)
     return None
 
@@ -55,10 +54,10 @@ def train_files(cfg: RunConfig):
     if cfg.data.train != "synthetic":
         return cfg.data.train
     from qwen2vl_jax.data import synthetic
-    out = cfg.data.synthetic_dir or os.path.join(cfg.workdir, "synthetic")
+    out = cfg.data.synthetic_dir or storage.join(cfg.workdir, "synthetic")
     if jax.process_index() == 0:
         synthetic.generate(out, size=cfg.data.synthetic_size, config=synthetic.SyntheticConfig.demo())
-    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a shared filesystem)
+    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a bucket or a shared filesystem)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("synthetic data written")
     return synthetic.train_path(out)

@@ -5,7 +5,6 @@ loop with NaN guard, async checkpoints, metrics and a clean stop on SIGTERM / pr
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import hf, sharding
+from qwen2vl_jax import hf, sharding, storage
 from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
@@ -110,6 +109,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     that `cfg.data` describes.
     """
     t_start = time.perf_counter()
+    storage.require_bucket(cfg.workdir)   # a clear error now, not one from deep inside orbax later
 
     # -- devices and mesh
     sharding.initialize_distributed()   # before anything touches a device
@@ -137,7 +137,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     shardings = state_shardings(module, tx, parts, mesh)
 
     # -- checkpoints: resume from the workdir, or start
-    os.makedirs(cfg.workdir, exist_ok=True)
+    storage.makedirs(cfg.workdir)
     ckpts = checkpoint.Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     latest = ckpts.latest_step()
     own_data = data is None
@@ -230,6 +230,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                     if pending is not None:
                         finish(pending)
                         pending = None
+                    log_file.flush()   # metrics up to a checkpoint survive with it (buckets upload on flush)
                     ckpts.save(state, step, data_snapshot(), config, run_record)
                     last_saved = step
                 break
@@ -249,6 +250,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.reason or preempted:
                 finish(pending)   # a step is saved only after its NaN check
                 pending = None
+                log_file.flush()
                 ckpts.save(state, step, data_snapshot(), config, run_record)
                 last_saved = step
             if stop.reason or preempted:
@@ -267,7 +269,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
 
     # -- export
     if cfg.export_hf and step == cfg.steps and "stopped" not in summary:
-        out = os.path.join(cfg.workdir, "hf")
+        out = storage.join(cfg.workdir, "hf")
         checkpoint.export_hf(state.params, config, out, cfg.export_dtype, processor=data_lib.processor(cfg, config),
                              generation=data_lib.generation(cfg))
         log(f"exported the HF checkpoint to {out}")

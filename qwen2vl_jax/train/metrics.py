@@ -11,12 +11,13 @@ remat is not model work and is not counted, as in the usual MFU definition.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 
 import numpy as np
 
+from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
 
 # Dense bf16 peak FLOP/s per device (one chip; a v4/v5p chip has two TensorCores, JAX shows one device).
@@ -76,38 +77,101 @@ def step_flops(config: Qwen2VLConfig, batch: dict, parts) -> float:
 
 class MetricsLog:
     """`<workdir>/metrics.jsonl` (one object per logged step) and TensorBoard events in
-    `<workdir>/tensorboard`. On resume, records past the restored step are dropped first, so the file
-    reads as one run."""
+    `<workdir>/tensorboard`; the workdir may be a URL. On resume, records past the restored step are dropped
+    first, so the file reads as one run.
 
-    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    Objects in a bucket cannot be appended to (an append silently overwrites), so there the file is kept in
+    memory and uploaded whole: at most every `flush_secs`, at every checkpoint (`flush`) and at the end. A
+    run resumed from step S therefore finds every record up to S. The cost is one upload of the whole file per
+    flush: about 300 bytes a logged step, so 3 MB once 10,000 steps are logged, every `flush_secs` at most.
+    A local file is appended to and flushed at each record."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True, flush_secs: float = 60.0):
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-        self.file = open(self.path, "a")
+        storage.makedirs(workdir)
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.remote, self.flush_secs, self.last_flush = storage.is_url(workdir), flush_secs, time.monotonic()
+        self.lines: list[str] = []
+        if storage.exists(self.path):
+            with storage.open(self.path, "r") as f:
+                self.lines = [line if line.endswith("\n") else line + "\n" for line in f
+                              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            storage.write_text(self.path, "".join(self.lines))
+        self.file = None if self.remote else storage.open(self.path, "a")
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        if self.remote:
+            _register_event_writer(storage.protocol(workdir))
+        # The suffix keeps a resumed run's event file apart from the one it resumes, even within one second.
+        self.tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=resume_step + 1,
+                                filename_suffix=f".from{resume_step}")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self.last_flush >= self.flush_secs:
+                self.flush()
+        else:
+            self.file.write(line)
+            self.file.flush()
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
                 self.tb.add_scalar(k, v, step)
 
+    def flush(self) -> None:
+        """Make every record written so far durable (call before a checkpoint is saved)."""
+        if not self.enabled:
+            return
+        if self.remote:
+            storage.write_text(self.path, "".join(self.lines))
+            self.last_flush = time.monotonic()
+        self.tb.flush()
+
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            self.flush()
+            if self.file is not None:
+                self.file.close()
             self.tb.close()
+
+
+class _EventObject:
+    """A TensorBoard event file at a URL, written through `storage` (so every protocol, and its errors, are
+    the path layer's). An object cannot be appended to: the file is kept in memory and uploaded whole on
+    flush, and only when it changed, so flushes after the last write (close, interpreter exit) cost nothing."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.dirty = path, io.BytesIO(), True
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            storage.write_bytes(self.path, self.buffer.getvalue())
+            self.dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventObjects:
+    def open(self, path: str) -> _EventObject:
+        return _EventObject(path)
+
+    def directory_check(self, path: str) -> None:
+        pass   # prefixes need no creating
+
+
+def _register_event_writer(proto: str) -> None:
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(proto, _EventObjects())
 
 
 def _plain(v):
