@@ -206,9 +206,7 @@ def make_processor(cfg: EvalConfig, config, checkpoint_dir: str, run=None):
     if run is not None:
         from qwen2vl_jax.train.data import processor
         return processor(run, config)
-    if config.text.vocab_size >= 151657:
-        return Processor.default()
-    return Processor.from_config(config)
+    return Processor.for_model(config)
 
 
 # -- main ------------------------------------------------------------------------------------------------

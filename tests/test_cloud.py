@@ -40,7 +40,9 @@ def test_hf_checkpoint_in_a_bucket_loads_by_ranged_reads(hf_checkpoints, bucket,
     cfg, _, local = hf_checkpoints["tied"]
     model = qv.load_pretrained(local)
     model.save_pretrained(f"{bucket}/hf")
-    assert storage.listdir(f"{bucket}/hf") == ["config.json", "model.safetensors"]
+    assert storage.listdir(f"{bucket}/hf") == [   # a complete HF checkpoint, written to the bucket
+        "chat_template.json", "config.json", "generation_config.json", "model.safetensors",
+        "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
     reads = []
     real = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))

@@ -20,7 +20,6 @@ from qwen2vl_jax.data.sources import open_source
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig
 
-REAL_VOCAB = 151657   # tokens of the Qwen2-VL tokenizer; smaller models use a byte tokenizer
 AUTO_SAMPLE = 10_000  # examples measured for data.buckets: auto when data.check is 0
 
 
@@ -34,9 +33,7 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
             return Processor.from_pretrained(path, **kw)
     if cfg.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer = {cfg.data.tokenizer}: no tokenizer.json there")
-    if config.text.vocab_size >= REAL_VOCAB:
-        return Processor.default(**kw)
-    return Processor.from_config(config, **kw)
+    return Processor.for_model(config, **kw)
 
 
 def generation(cfg: RunConfig):
