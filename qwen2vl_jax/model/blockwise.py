@@ -147,7 +147,11 @@ def _forward(q, k, v, q_seg, kv_seg, scale, causal, bq, bk):
 
 
 def _fwd_rule(q, k, v, q_seg, kv_seg, scale, causal, bq, bk):
-    return _forward(q, k, v, q_seg, kv_seg, scale, causal, bq, bk)
+    # Inside the model's scanned layers, JAX's partial evaluation of the outer scan otherwise keeps the inner
+    # loops' per-block masks and scores as stacked outputs, (B, nq, nk, heads, bq, bk) per layer (268 MB per
+    # LLM layer at L = 1792), which the backward never reads. Under `checkpoint` the forward runs as one unit.
+    fwd = jax.checkpoint(lambda *a: _forward(*a, scale, causal, bq, bk), prevent_cse=False)
+    return fwd(q, k, v, q_seg, kv_seg)
 
 
 def _bwd_rule(scale, causal, bq, bk, res, do):
