@@ -137,9 +137,10 @@ def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state,
     Takes the trainable `grads` and `params` and the state that `make_optimizer` builds, and returns
     (new params, new state, metrics) with the state in that same structure (checkpoints do not change). Each
     leaf's clipped gradient, both moments, the decayed and scaled update, the new param and the guard
-    (`finite`: loss and gradient norm finite, else every array stays as it was) are written in one pass over
-    that leaf, so XLA keeps no tree-sized temporaries of clipped gradients, updates or unguarded params. The
-    maths is optax's, op for op (`tx.update` then `optax.apply_updates`): the results are bit-identical.
+    (`finite`: loss and gradient norm finite, else every array stays as it was) are one expression per leaf,
+    not passes over whole trees (the update's XLA temporaries on the 0.58B model: 3.96 -> 3.45 GiB). The
+    maths is optax's, op for op (`tx.update` then `optax.apply_updates`): the moments come out bit-identical,
+    the params within a few ulp (XLA fuses the expression differently from optax's chain).
     Metrics: grad_norm (before clipping), finite, param_norm (of the params kept).
     """
     if cfg.clip_norm > 0:

@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict, *, module: Qwen2VLModule, tx: opt
     trainable, frozen = optim.split(state.params, parts)
     lrs = {f"lr/{p}": s(state.step) for p, s in schedules.items()}
     if isinstance(tx, optim.Optimizer):
-        # make_optimizer's AdamW, fused per leaf with the apply and the guard: no tree-sized temporaries.
+        # make_optimizer's AdamW fused per leaf with the apply and the guard: fewer temporaries than the chain.
         new_trainable, opt_state, norms = optim.fused_update(tx.cfg, tx.parts, grads, state.opt_state, trainable,
                                                              metrics["loss"])
         new_state = TrainState(step=state.step + 1, params=optim.merge(new_trainable, frozen), opt_state=opt_state,
