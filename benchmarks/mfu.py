@@ -190,6 +190,7 @@ def main():
                 state, m = step(state, batch)
             jax.block_until_ready((state.params, m["loss"]))
     mfu = flops / step_s / peak
+    from machine import machine
     print(f"step {step_s:.3f} s (median of {args.steps}: {', '.join(f'{t:.3f}' for t in times)}), "
           f"{flops / step_s / 1e12:.3f} TFLOP/s, MFU {mfu:.3f}; loss {float(m['loss']):.3f}; warm-up {warm_s:.1f} s",
           flush=True)
@@ -200,7 +201,7 @@ def main():
         "text_fill": round(text_fill, 4), "patch_fill": round(patch_fill, 4), "examples": n_examples,
         "bucket": [L, P], "rows": args.rows, "model": "2b" if args.full else "reduced-2b-shape",
         "params": n_params, "dtype": jnp.dtype(dtype).name, "remat": args.remat, "loss_chunk": args.loss_chunk,
-        "device": device.device_kind, "warmup_s": round(warm_s, 1), "steps": args.steps}))
+        "device": device.device_kind, "warmup_s": round(warm_s, 1), "steps": args.steps, **machine()}))
 
 
 if __name__ == "__main__":

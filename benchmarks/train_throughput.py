@@ -17,7 +17,8 @@ of up to 16 shapes; at most 2048 patches per example.
 - ours: `StreamingPacker` (the pipeline's packer) over a `--window` look-ahead into `--rows` rows per step at
   the buckets `suggest_buckets` fits to a held-out sample, then the project's jitted train step (`StepFn`,
   what train.py runs) in float32, attention `--attn-impl` (default auto, as train.py; on the CPU auto is the
-  dense XLA kernel below 2048 tokens, `blockwise` skips the block pairs of different packed examples).
+  dense XLA kernel below 1024 tokens, else `blockwise`, which skips the block pairs of different packed
+  examples).
   Only the batches packed with a full window count (the drain at the end of a finite stream is not
   training's steady state); their examples are the benchmark's examples.
 - reference: `Qwen2VLForConditionalGeneration` (default SDPA attention, float32, train mode), the same
@@ -30,9 +31,9 @@ moves with the other jobs' load; the ratio of the two sides' CPU seconds over th
 (`cpu_time_ratio`) is reported beside it as a steadier check.
 
     python benchmarks/train_throughput.py [--examples 240] [--window 64] [--rows 2] [--text-len 1024]
-                                          [--pad-batch 8]
+                                          [--pad-batch 8] [--isa native|avx2] [--pairs 1]
 
-Ends with one JSON line.
+Ends with one JSON line, with the machine behind it (CPU model, AVX-512 or not, load; `machine.py`).
 """
 
 from __future__ import annotations
@@ -247,6 +248,11 @@ def main():
     ap.add_argument("--pad-batch", type=int, default=8, help="examples per pad-to-longest batch")
     ap.add_argument("--remat", default="none", help="ours: remat policy of the scanned blocks")
     ap.add_argument("--attn-impl", default="auto", help="ours: attention kernel (xla, blockwise, auto, ...)")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: both sides limited to AVX2 (XLA's --xla_cpu_max_isa, PyTorch's ATEN_CPU_CAPABILITY), "
+                         "as on a machine without AVX-512 (the libraries' own kernels may still dispatch wider)")
+    ap.add_argument("--pairs", type=int, default=1, help="runs of the two sides, alternating; the ratio is the "
+                    "median over the pairs (figures other than the ratio are the last pair's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--worker", choices=["ours", "ref"])
@@ -263,6 +269,8 @@ def main():
 
     from qwen2vl_jax.data import synthetic
 
+    from machine import machine
+    load_at_start = round(os.getloadavg()[0], 2)
     config = bench_config()
     data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), f"qwen2vl_train_throughput_{args.seed}")
     t0 = time.perf_counter()
@@ -287,23 +295,32 @@ def main():
         plan["ckpt"] = os.path.join(tmp, "ckpt")
         with open(os.path.join(tmp, "plan.json"), "w") as f:
             json.dump(plan, f)
-        for side in ("ours", "ref"):
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, __file__, "--worker", side, "--plan", os.path.join(tmp, "plan.json")],
-                               capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                sys.exit(f"{side} worker failed:\n{p.stderr[-4000:]}")
-            res[side] = json.loads(line[-1][7:])
-            r = res[side]
-            print(f"{side}: {r['steps']} steps in {r['wall_s']:.1f} s ({figures['real_tokens'] / r['wall_s']:.0f} "
-                  f"real tokens/s) after {r['compile_s']:.1f} s of warm-up over {r['shapes']} shape(s); loss "
-                  f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}; {time.perf_counter() - t0:.0f} s in all",
-                  flush=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if args.isa == "avx2":
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
+            env["ATEN_CPU_CAPABILITY"] = "avx2"
+        pairs, loads = [], []
+        for _ in range(args.pairs):   # sides alternate, so a load that drifts hits both sides of some pair
+            for side in ("ours", "ref"):
+                t0 = time.perf_counter()
+                loads.append(round(os.getloadavg()[0], 2))
+                p = subprocess.run([sys.executable, __file__, "--worker", side, "--plan",
+                                    os.path.join(tmp, "plan.json")], capture_output=True, text=True, env=env)
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode or not line:
+                    sys.exit(f"{side} worker failed:\n{p.stderr[-4000:]}")
+                res[side] = json.loads(line[-1][7:])
+                r = res[side]
+                print(f"{side}: {r['steps']} steps in {r['wall_s']:.1f} s ({figures['real_tokens'] / r['wall_s']:.0f} "
+                      f"real tokens/s, {r['cpu_s']:.1f} CPU s) after {r['compile_s']:.1f} s of warm-up over "
+                      f"{r['shapes']} shape(s); loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}; "
+                      f"{time.perf_counter() - t0:.0f} s in all; load {loads[-1]}", flush=True)
+            pairs.append(res["ref"]["wall_s"] / res["ours"]["wall_s"])
 
     o, r = res["ours"], res["ref"]
     tokens = figures["real_tokens"]
-    fig = {"tokens_per_s_ratio": r["wall_s"] / o["wall_s"],
+    fig = {"tokens_per_s_ratio": float(np.median(pairs)), "pair_ratios": [round(x, 3) for x in pairs],
+           "side_loads": loads,
            "ours_tokens_per_s": tokens / o["wall_s"], "ref_tokens_per_s": tokens / r["wall_s"],
            "cpu_time_ratio": r["cpu_s"] / o["cpu_s"],
            "ours_fill": figures["ours_fill"], "ours_patch_fill": figures["ours_patch_fill"],
@@ -315,7 +332,7 @@ def main():
            "examples": figures["examples"], "real_tokens": tokens, "real_patches": figures["real_patches"],
            "rows": args.rows, "pad_batch": args.pad_batch, "window": args.window, "buckets": figures["buckets"],
            "params": n_params, "remat": args.remat, "attn_impl": args.attn_impl, "dtype": "float32",
-           "cpu_count": os.cpu_count()}
+           **machine(), "load_at_start": load_at_start, "isa": args.isa}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in fig.items()}))
 
 

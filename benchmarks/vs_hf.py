@@ -334,7 +334,8 @@ def main():
             del ref
             fig = go(args)
         fig["params"] = n_params
-    print(json.dumps(fig))
+    from machine import machine
+    print(json.dumps({**fig, **machine()}))
 
 
 if __name__ == "__main__":

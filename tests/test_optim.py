@@ -165,3 +165,53 @@ def test_bf16_state_checkpoint_round_trip(tmp_path):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def _three_part_tree(rng):
+    shapes = {"visual": {"blocks": {"qkv": {"kernel": (2, 6, 9), "bias": (2, 9)}},
+                         "merger": {"mlp_0": {"kernel": (6, 5), "bias": (5,)}}},
+              "model": {"norm": {"scale": (5,)}, "embed_tokens": {"embedding": (7, 5)}}}
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+@pytest.mark.parametrize("parts", [("vit", "merger", "llm"), ("merger", "llm")])
+def test_fused_update_is_optax_bit_for_bit(moments, parts):
+    """train_step's fused per-leaf update against tx.update + apply_updates + the guard, with the clip acting on
+    some steps and not on others: the same optimizer state bit for bit, params to a few ulp; a non-finite step
+    leaves everything as it was."""
+    rng = np.random.default_rng(0)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, decay_steps=10, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+                      moments_dtype=moments)
+    tx = optim.make_optimizer(cfg, parts)
+    p, _ = optim.split(_three_part_tree(rng), parts)
+    s = tx.init(p)
+
+    @jax.jit
+    def reference(p, s, g):
+        u, s = tx.update(g, s, p)
+        new = optax.apply_updates(p, u)
+        return new, s, optax.tree.norm(new)
+
+    fused = jax.jit(lambda p, s, g, loss: optim.fused_update(cfg, parts, g, s, p, loss))
+    for step, scale in enumerate([3.0, 0.01, 1.5, 0.02, 5.0]):   # global norms above and below clip_norm 1
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), p)
+        p_ref, s_ref, norm_ref = reference(p, s, g)
+        p_new, s_new, m = fused(p, s, g, jnp.float32(1.0))
+        assert bool(m["finite"]) and (float(m["grad_norm"]) > 1.0) == (scale > 1.0)
+        assert jax.tree.structure(s_new) == jax.tree.structure(s_ref)
+        for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_new)):   # moments and counts: the same bits
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), step
+        # The new params: XLA compiles the one per-leaf expression into other fusions than optax's chain, which
+        # moves a few elements by a few units in the last place (seen: <= 21 ulp on 2 of 108, never the moments).
+        for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_new)):
+            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=32)
+        np.testing.assert_allclose(float(m["param_norm"]), float(norm_ref), rtol=1e-6)   # summation order
+        p, s = p_new, s_new
+    g = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
+    for loss, grads in ((jnp.float32(jnp.nan), jax.tree.map(jnp.zeros_like, g)), (jnp.float32(1.0), g)):
+        p_new, s_new, m = fused(p, s, grads, loss)
+        assert not bool(m["finite"])
+        for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p_new, s_new))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

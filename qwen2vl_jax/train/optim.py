@@ -113,7 +113,7 @@ def adamw(cfg: OptimConfig, lr) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(lr))
 
 
-def make_optimizer(cfg: OptimConfig, parts: Iterable[str]) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, parts: Iterable[str]) -> "Optimizer":
     """Clip by the global norm of all trainable gradients, then AdamW with each part's own schedule.
 
     Apply it to the trainable tree of `split` only: parts absent from the tree hold no state.
@@ -121,4 +121,102 @@ def make_optimizer(cfg: OptimConfig, parts: Iterable[str]) -> optax.GradientTran
     tx = optax.multi_transform({p: adamw(cfg, s) for p, s in schedules(cfg, parts).items()}, _labels)
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    return tx
+    out = Optimizer(tx.init, tx.update)
+    out.cfg, out.parts = cfg, tuple(parts)
+    return out
+
+
+class Optimizer(optax.GradientTransformation):
+    """What `make_optimizer` returns: an optax GradientTransformation that also carries its config and parts,
+    so that the train step can run the same maths fused per leaf (`fused_update`)."""
+
+
+def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state, params: dict, loss):
+    """The whole optimizer step of `make_optimizer(cfg, parts)`, one elementwise expression per leaf.
+
+    Takes the trainable `grads` and `params` and the state that `make_optimizer` builds, and returns
+    (new params, new state, metrics) with the state in that same structure (checkpoints do not change). Each
+    leaf's clipped gradient, both moments, the decayed and scaled update, the new param and the guard
+    (`finite`: loss and gradient norm finite, else every array stays as it was) are one expression per leaf,
+    not passes over whole trees (the update's XLA temporaries on the 0.58B model: 3.96 -> 3.45 GiB). The
+    maths is optax's, op for op (`tx.update` then `optax.apply_updates`): the moments come out bit-identical,
+    the params within a few ulp (XLA fuses the expression differently from optax's chain).
+    Metrics: grad_norm (before clipping), finite, param_norm (of the params kept).
+    """
+    if cfg.clip_norm > 0:
+        clip_state, part_state = opt_state
+    else:
+        clip_state, part_state = None, opt_state
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    trigger = jnp.squeeze(grad_norm < cfg.clip_norm)
+    stored = MOMENTS_DTYPES[cfg.moments_dtype]
+    decay = _decay_mask(params)
+
+    def one_part(part, lr, inner):
+        (adam, decay_state, sched) = inner.inner_state
+        count = optax.safe_increment(adam.count)
+        step_size = -1 * lr(sched.count)
+
+        def leaf(g, p, m, v, decayed):
+            if cfg.clip_norm > 0:
+                g = jax.lax.select(trigger, g, (g / grad_norm.astype(g.dtype)) * cfg.clip_norm)
+            dtype = g.dtype
+            if stored != jnp.float32:   # scale_by_adam_stored: float32 maths, rounded storage
+                g, m, v = g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32)
+            m = optax.tree.update_moment(g, m, cfg.b1, 1)
+            v = optax.tree.update_moment_per_elem_norm(g, v, cfg.b2, 2)
+            m_hat = optax.tree.bias_correction(m, cfg.b1, count)
+            v_hat = optax.tree.bias_correction(v, cfg.b2, count)
+            if stored == jnp.float32:
+                u = m_hat / (jnp.sqrt(v_hat + 0.0) + cfg.eps)
+            else:
+                u = (m_hat / (jnp.sqrt(v_hat) + cfg.eps)).astype(dtype)
+            if decayed and cfg.weight_decay != 0.0:
+                u = u + cfg.weight_decay * p
+            u = jnp.array(step_size, dtype=u.dtype) * u
+            new_p = jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+            return new_p, m.astype(stored), v.astype(stored)
+
+        flat_mu, mu_def = jax.tree_util.tree_flatten_with_path(adam.mu)
+        flat_nu = jax.tree_util.tree_leaves(adam.nu)
+        new = {}
+        for (path, m), v in zip(flat_mu, flat_nu):
+            keys = tuple(k.key for k in path)
+            g, p = _at(grads, keys), _at(params, keys)
+            new[keys] = leaf(g, p, m, v, _at(decay, keys))
+        mus = [keep(new[tuple(k.key for k in path)][1], m) for path, m in flat_mu]
+        nus = [keep(new[tuple(k.key for k in path)][2], v) for (path, _), v in zip(flat_mu, flat_nu)]
+        adam = optax.ScaleByAdamState(count=keep(count, adam.count), mu=jax.tree_util.tree_unflatten(mu_def, mus),
+                                      nu=jax.tree_util.tree_unflatten(mu_def, nus))
+        sched = sched._replace(count=keep(optax.safe_increment(sched.count), sched.count))
+        return {k: keep(n[0], _at(params, k)) for k, n in new.items()}, \
+            inner._replace(inner_state=(adam, decay_state, sched))
+
+    new_params, inner_states = {}, {}
+    for part, lr in schedules(cfg, parts).items():
+        if part not in part_state.inner_states:
+            continue
+        leaves, inner_states[part] = one_part(part, lr, part_state.inner_states[part])
+        new_params.update(leaves)
+    missing = [k for k in _paths(params) if k not in new_params]
+    if missing:
+        raise ValueError(f"fused_update: params {missing[:3]} have no optimizer state; pass the trainable tree "
+                         f"of split(params, parts) and the state of make_optimizer(cfg, parts)")
+    params_out = jax.tree_util.tree_map_with_path(lambda path, _: new_params[tuple(k.key for k in path)], params)
+    state_out = part_state._replace(inner_states=inner_states)
+    if clip_state is not None:
+        state_out = (clip_state, state_out)
+    metrics = {"grad_norm": grad_norm, "finite": finite, "param_norm": optax.tree.norm(params_out)}
+    return params_out, state_out, metrics
+
+
+def _at(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _paths(tree):
+    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
