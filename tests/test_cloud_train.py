@@ -107,9 +107,9 @@ def test_train_kill_resume_export_and_eval_all_in_a_bucket(bucket, data, cache, 
                         "limit=8", "max_new_tokens=4", "progress=false"], env=_env(), cwd=cwd,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(storage.read_text(f"{killed}/eval/{STEPS}/metrics.json"))
+    report = json.loads(storage.read_text(f"{killed}/eval/{STEPS}/heldout/metrics.json"))
     assert report["count"] == 8 and report["data"] == heldout and report["checkpoint"].startswith(killed)
-    assert len(storage.read_text(f"{killed}/eval/{STEPS}/predictions.jsonl").splitlines()) == 8
+    assert len(storage.read_text(f"{killed}/eval/{STEPS}/heldout/predictions.jsonl").splitlines()) == 8
     assert os.listdir(cwd) == []
 
 
