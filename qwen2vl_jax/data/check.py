@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from qwen2vl_jax import storage
-from qwen2vl_jax.data.image import FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, describe, load_image, smart_resize
+from qwen2vl_jax.data.image import (FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, describe, load_image,
+                                    open_image_file, smart_resize)
 from qwen2vl_jax.data.processor import _check_trainable
 from qwen2vl_jax.data.records import DataError, Record
 from qwen2vl_jax.data.video import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, _check_frames, frame_budget,
@@ -205,15 +206,8 @@ def image_size(source: Any) -> tuple[int, int]:
     if isinstance(source, (str, os.PathLike)) and not os.fspath(source).startswith(("data:", "http://", "https://")):
         name = os.fspath(source)
         name = name[len("file://"):] if name.startswith("file://") else name
-        try:
-            with storage.open(name, "rb") as f:
-                return _header(f, name)
-        except FileNotFoundError:
-            raise ValueError(f"image file not found: {name}") from None
-        except IsADirectoryError:
-            raise ValueError(f"image path is a directory, not a file: {name}") from None
-        except PermissionError:
-            raise ValueError(f"image file not readable (permission denied): {name}") from None
+        with open_image_file(name, whole=False) as f:   # an object in a store: ranged reads of its header
+            return _header(f, name)
     if isinstance(source, Image.Image):
         return source.height, source.width
     image = load_image(source)

@@ -8,6 +8,7 @@ the file and line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import os
@@ -80,22 +81,30 @@ def load_image(source) -> Image.Image:
             raise ValueError(f"{name}: URLs are not fetched; download the image and give its path")
         if name.startswith("file://"):
             name = name[len("file://"):]
-        if storage.is_url(name):   # one whole-object read; decoding needs all the bytes anyway
-            try:
-                return _open(io.BytesIO(storage.read_bytes(name)), name)
-            except storage.ObjectNotFound:
-                raise ValueError(f"image file not found: {name}") from None
-        try:
-            with open(name, "rb") as f:
-                return _open(f, name)
-        except FileNotFoundError:
-            raise ValueError(f"image file not found: {name}") from None
-        except IsADirectoryError:
-            raise ValueError(f"image path is a directory, not a file: {name}") from None
-        except PermissionError:
-            raise ValueError(f"image file not readable (permission denied): {name}") from None
+        with open_image_file(name) as f:
+            return _open(f, name)
     raise ValueError(f"cannot read an image from a {type(source).__name__}; give a path, bytes, a PIL image "
                      "or a uint8 array")
+
+
+@contextlib.contextmanager
+def open_image_file(name: str, whole: bool = True):
+    """A local image file or a store's object (gs://, ...), opened for reading, with a missing or unreadable
+    file worded for the user as a ValueError. An object is fetched in one read when `whole` (decoding needs
+    all the bytes anyway), else read by ranges as the reader seeks (a header)."""
+    try:
+        if storage.is_url(name):
+            f = io.BytesIO(storage.read_bytes(name)) if whole else storage.open(name, "rb")
+        else:
+            f = open(name, "rb")
+    except FileNotFoundError:   # storage.ObjectNotFound included
+        raise ValueError(f"image file not found: {name}") from None
+    except IsADirectoryError:
+        raise ValueError(f"image path is a directory, not a file: {name}") from None
+    except PermissionError:
+        raise ValueError(f"image file not readable (permission denied): {name}") from None
+    with f:
+        yield f
 
 
 def _open(fp, name: str) -> Image.Image:
