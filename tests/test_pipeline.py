@@ -10,6 +10,7 @@ import pytest
 import qwen2vl_jax as qv
 from qwen2vl_jax.data import Processor, read_jsonl, synthetic
 from qwen2vl_jax.data.pipeline import PipelineConfig, SkipBudgetExceeded, make_loader
+from train_utils import assert_same_batches, take
 
 CFG = qv.preset("tiny")
 BASE = PipelineConfig(buckets=((256, 64), (512, 128)), batch_size=2, window=16, shard_index=0, shard_count=1)
@@ -22,37 +23,25 @@ def data(tmp_path_factory):
     return train, Processor.from_config(CFG)
 
 
-def _take(loader, n):
-    return [next(loader) for _ in range(n)]
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_the_identical_next_batches(data, workers):
     train, proc = data
     pipeline = PipelineConfig(**{**BASE.__dict__, "workers": workers})
     with make_loader(train, proc, CFG, pipeline) as loader:
-        first = _take(loader, 8)
+        first = take(loader, 8)
         state = json.loads(json.dumps(loader.get_state()))   # what a checkpoint stores
-        after = _take(loader, 6)                              # crosses into the second epoch
+        after = take(loader, 6)                              # crosses into the second epoch
         assert loader.examples > 60
     with make_loader(train, proc, CFG, pipeline) as resumed:
         resumed.set_state(state)
-        _assert_same(_take(resumed, 6), after)
+        assert_same_batches(take(resumed, 6), after)
         assert resumed.examples == loader.examples
     for batch in first + after:
         assert batch["input_ids"].shape[0] == 2
         assert (batch["input_ids"].shape[1], batch["patches"].shape[1]) in BASE.buckets
     if workers:   # packing runs after the workers, so their number does not change the batches
         with make_loader(train, proc, CFG, BASE) as single:
-            _assert_same(_take(single, 14), first + after)
+            assert_same_batches(take(single, 14), first + after)
 
 
 def test_rows_hold_the_processor_output(data):

@@ -16,6 +16,7 @@ from qwen2vl_jax.data.convert import convert
 from qwen2vl_jax.data.pipeline import PipelineConfig, make_loader
 from qwen2vl_jax.data.records import DataError
 from qwen2vl_jax.train import config as run_config
+from train_utils import assert_same_batches, take
 
 pytest.importorskip("pyarrow")
 pytest.importorskip("array_record")
@@ -36,18 +37,6 @@ def data(tmp_path_factory):
     return specs, Processor.from_config(CFG)
 
 
-def _take(loader, n):
-    return [next(loader) for _ in range(n)]
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def _text_jsonl(path, n, tag):
     rows = [{"messages": [{"role": "user", "content": f"{tag} question {i}"},
                           {"role": "assistant", "content": f"{tag} answer {i}"}]} for i in range(n)]
@@ -60,10 +49,10 @@ def test_each_source_gives_the_same_batches(data):
     batches, order = {}, {}
     for name, spec in specs.items():
         with make_loader(spec, proc, CFG, BASE) as loader:
-            batches[name] = _take(loader, 12)                     # crosses into the second epoch
+            batches[name] = take(loader, 12)                     # crosses into the second epoch
             order[name] = loader.sources
-    _assert_same(batches["parquet"], batches["jsonl"])            # embedded bytes decode to the files' pixels
-    _assert_same(batches["array_record"], batches["jsonl"])
+    assert_same_batches(batches["parquet"], batches["jsonl"])            # embedded bytes decode to the files' pixels
+    assert_same_batches(batches["array_record"], batches["jsonl"])
     assert all(re.fullmatch(r".*/train-\d{5}-of-00003\.parquet:row \d+", s) for s in order["parquet"])
     assert any(b["patches"].any() for b in batches["jsonl"])
 
@@ -74,13 +63,13 @@ def test_resume_mid_epoch_is_exact(data, tmp_path, name):
     spec = specs.get(name) or [{"path": specs["parquet"], "weight": 2, "name": "shards"},
                                {"path": _text_jsonl(tmp_path / "text.jsonl", 30, "t"), "weight": 1, "name": "text"}]
     with make_loader(spec, proc, CFG, BASE) as loader:
-        _take(loader, 5)
+        take(loader, 5)
         state = json.loads(json.dumps(loader.get_state()))       # what a checkpoint stores
-        after = _take(loader, 6)
+        after = take(loader, 6)
         seen = dict(loader.seen)
     with make_loader(spec, proc, CFG, BASE) as resumed:
         resumed.set_state(state)
-        _assert_same(_take(resumed, 6), after)
+        assert_same_batches(take(resumed, 6), after)
         assert resumed.seen == seen
     if name == "mixture":
         assert set(seen) == {"shards", "text"} and sum(seen.values()) == loader.examples
@@ -90,9 +79,9 @@ def test_mixture_with_workers_matches_in_process(data, tmp_path):
     specs, proc = data
     spec = [{"path": specs["array_record"], "weight": 1}, {"path": specs["jsonl"], "weight": 1}]
     with make_loader(spec, proc, CFG, BASE) as single:
-        expected = _take(single, 6)
+        expected = take(single, 6)
     with make_loader(spec, proc, CFG, PipelineConfig(**{**BASE.__dict__, "workers": 2})) as loader:
-        _assert_same(_take(loader, 6), expected)
+        assert_same_batches(take(loader, 6), expected)
 
 
 def test_mixture_proportions_follow_the_weights(tmp_path):
@@ -102,7 +91,7 @@ def test_mixture_proportions_follow_the_weights(tmp_path):
             {"path": _text_jsonl(tmp_path / "c.jsonl", 40, "c"), "weight": 0.1}]
     one = PipelineConfig(**{**BASE.__dict__, "batch_size": 1, "window": 1, "prefetch": 0})
     with make_loader(spec, proc, CFG, one) as loader:
-        _take(loader, 400)
+        take(loader, 400)
         counts = loader.seen
     assert sum(counts.values()) == 400
     for component in spec:
@@ -270,7 +259,7 @@ def test_sources_read_from_a_bucket(data, tmp_path):
         with pytest.raises(DataError, match="the array_record reader opens local files only"):
             sources.open_source(f"{url}/x.array_record")
         with make_loader(f"{url}/shard.parquet", proc, CFG, BASE) as a, make_loader(shard, proc, CFG, BASE) as b:
-            _assert_same(_take(a, 3), _take(b, 3))
+            assert_same_batches(take(a, 3), take(b, 3))
     finally:
         fs.rm(url, recursive=True)
 

@@ -64,3 +64,17 @@ def random_params(module: Qwen2VLModule, seed: int = 0) -> dict:
         x = rng.normal(0, 0.02, s.shape).astype(np.float32)
         return jnp.asarray(x + 1.0 if name == "scale" else x)
     return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def take(loader, n):
+    """The next `n` batches of a loader."""
+    return [next(loader) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    """Two lists of packed batches hold the same arrays, key for key."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
