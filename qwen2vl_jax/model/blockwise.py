@@ -65,7 +65,7 @@ def _scores(qb, kb, qs, ks, qi, ki, scale, causal):
 
 def _row_forward(q, k, v, qs, ks, pairs, scale, causal, bq, bk):
     """One batch row. q (Lq, Hkv, G, D), k/v (Lk, Hkv, D). Returns o like q, lse (Hkv, G, Lq)."""
-    nq, nk = q.shape[0] // bq, k.shape[0] // bk
+    nq = q.shape[0] // bq
     hkv, g, d = q.shape[1:]
 
     def q_block(i):

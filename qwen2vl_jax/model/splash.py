@@ -62,7 +62,7 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, i
     (segment 0) rows give zeros. `max_segment_len`: a static bound on segment length that sets the grid width
     (see the module docstring). `interpret`: run through the Pallas interpreter (CPU tests)."""
     b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    lk = k.shape[1]
     if lq != lk:
         raise ValueError(f"splash attention takes one packed row per batch entry (query length {lq} == key "
                          f"length {lk}); use impl='xla' for decoding")
