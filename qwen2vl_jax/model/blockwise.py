@@ -88,12 +88,9 @@ def _row_forward(q, k, v, qs, ks, pairs, scale, causal, bq, bk):
                                                      preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        def step(j, carry):
-            return jax.lax.cond(pairs[i, j], visit, lambda _, c: c, j, carry)
-
         init = (jnp.full((hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((hkv, g, bq), jnp.float32),
                 jnp.zeros((hkv, g, bq, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(*_band(pairs[i]), step, init)
+        m, l, acc = jax.lax.fori_loop(*_band(pairs[i]), visit, init)
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
         return o.transpose(2, 0, 1, 3).astype(q.dtype), lse
@@ -103,45 +100,45 @@ def _row_forward(q, k, v, qs, ks, pairs, scale, causal, bq, bk):
 
 
 def _row_backward(q, k, v, qs, ks, pairs, o, lse, do, scale, causal, bq, bk):
-    nq, nk = q.shape[0] // bq, k.shape[0] // bk
+    """One pass over the kept block pairs: each pair's probabilities are recomputed once and give its share
+    of dq (summed over the query block's band) and of dk, dv (added into the whole-row buffers, which the
+    loop updates in place)."""
+    nq = q.shape[0] // bq
     lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)                  # fully masked rows -> p = 0
     delta = jnp.einsum("qkgd,qkgd->kgq", do.astype(jnp.float32), o.astype(jnp.float32))
 
-    def probs(i, j):
+    def q_block(i, carry):
+        dq, dk, dv = carry
         qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq)
-        kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk)
-        s, _ = _scores(qb, kb, jax.lax.dynamic_slice_in_dim(qs, i * bq, bq),
-                       jax.lax.dynamic_slice_in_dim(ks, j * bk, bk), i * bq + jnp.arange(bq),
-                       j * bk + jnp.arange(bk), scale, causal)
-        p = jnp.exp(s - jax.lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=2)[..., None])
         dob = jax.lax.dynamic_slice_in_dim(do, i * bq, bq)
-        vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk)
-        dp = jnp.einsum("qkgd,skd->kgqs", dob, vb, preferred_element_type=jnp.float32)
-        ds = p * (dp - jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)[..., None])
-        return qb, kb, dob, p, ds
+        qsb = jax.lax.dynamic_slice_in_dim(qs, i * bq, bq)
+        lse_b = jax.lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=2)
+        delta_b = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)
 
-    def dq_block(i):
-        def visit(j, dq):
-            _, kb, _, _, ds = probs(i, j)
-            return dq + jnp.einsum("kgqs,skd->qkgd", ds, kb.astype(jnp.float32)) * scale
-        zero = jnp.zeros((bq,) + q.shape[1:], jnp.float32)
-        return jax.lax.fori_loop(*_band(pairs[i]),
-                                 lambda j, c: jax.lax.cond(pairs[i, j], visit, lambda _, x: x, j, c), zero)
+        def visit(j, inner):
+            dq_b, dk, dv = inner
+            kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk)
+            s, _ = _scores(qb, kb, qsb, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk), i * bq + jnp.arange(bq),
+                           j * bk + jnp.arange(bk), scale, causal)
+            p = jnp.exp(s - lse_b[..., None])
+            dp = jnp.einsum("qkgd,skd->kgqs", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_b[..., None])
+            dq_b = dq_b + jnp.einsum("kgqs,skd->qkgd", ds, kb.astype(jnp.float32)) * scale
+            dv_j = jax.lax.dynamic_slice_in_dim(dv, j * bk, bk) + jnp.einsum("kgqs,qkgd->skd", p,
+                                                                              dob.astype(jnp.float32))
+            dk_j = jax.lax.dynamic_slice_in_dim(dk, j * bk, bk) + jnp.einsum("kgqs,qkgd->skd", ds,
+                                                                              qb.astype(jnp.float32)) * scale
+            return (dq_b, jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, 0),
+                    jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, 0))
 
-    def dkv_block(j):
-        def visit(i, carry):
-            dk, dv = carry
-            qb, _, dob, p, ds = probs(i, j)
-            dv = dv + jnp.einsum("kgqs,qkgd->skd", p, dob.astype(jnp.float32))
-            dk = dk + jnp.einsum("kgqs,qkgd->skd", ds, qb.astype(jnp.float32)) * scale
-            return dk, dv
-        zero = jnp.zeros((bk,) + k.shape[1:], jnp.float32)
-        return jax.lax.fori_loop(*_band(pairs[:, j]),
-                                 lambda i, c: jax.lax.cond(pairs[i, j], visit, lambda _, x: x, i, c), (zero, zero))
+        dq_b, dk, dv = jax.lax.fori_loop(*_band(pairs[i]), visit,
+                                         (jnp.zeros((bq,) + q.shape[1:], jnp.float32), dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_b, i * bq, 0), dk, dv
 
-    dq = jax.lax.map(dq_block, jnp.arange(nq)).reshape(q.shape)
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(nk))
-    return dq.astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(0, nq, q_block, (zeros(q), zeros(k), zeros(v)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -174,26 +171,31 @@ def _bwd_rule(scale, causal, bq, bk, res, do):
 _attend.defvjp(_fwd_rule, _bwd_rule)
 
 
-def default_block() -> int:
-    """Block size of both axes: 128 on the CPU, 512 on accelerators.
+def default_block(heads: int, head_dim: int) -> int:
+    """Block size of both axes. Accelerators: 512, the large blocks their matrix units want. CPU: 128, or 64
+    when a block pair's dots are small (heads x head_dim below 512).
 
     A kept block pair is computed in full, so blocks much larger than the packed examples mostly compute
-    pairs that the mask then drops: on the CPU, with the realistic mix's examples of ~100-300 tokens and
-    patches, a 1792-token row costs ~1.6x less forward + backward at 128 than at 512 (the visited band keeps
-    the smaller blocks' loop count low). Accelerators keep the large blocks their matrix units want.
+    pairs that the mask then drops; smaller blocks waste less but pay a fixed cost per loop iteration, which
+    only enough work per pair hides. Measured on the CPU (2 cores, AVX-512), forward + backward of one
+    layer: the realistic mix's 1792-token rows of ~100-400-token examples (4 heads x 64) take 48 ms at 64,
+    72 ms at 128 (108 ms at 128 before the one-pass backward); rows of one 1024-patch image with 16 heads x 80
+    take 610 ms at 128 and 742 ms at 64.
     """
-    return 128 if jax.default_backend() == "cpu" else 512
+    if jax.default_backend() != "cpu":
+        return 512
+    return 64 if heads * head_dim < 512 else 128
 
 
 def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: float,
                         block_q: int | None = None, block_k: int | None = None):
     """q (B, Lq, H, D); k, v (B, Lk, Hkv, D). Positions are 0..L-1 (no cache). Returns (B, Lq, H, D).
 
-    Query rows of segment 0 (padding) attend to nothing and return zeros. Blocks default to `default_block()`.
+    Query rows of segment 0 (padding) attend to nothing and return zeros. Blocks default to `default_block(H, D)`.
     """
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    block_q, block_k = block_q or default_block(), block_k or default_block()
+    block_q, block_k = block_q or default_block(h, d), block_k or default_block(h, d)
     bq, bk = min(block_q, _round_up(lq, 8)), min(block_k, _round_up(lk, 8))
     qg = _pad(q.reshape(b, lq, hkv, h // hkv, d), bq)
     out = _attend(qg, _pad(k, bk), _pad(v, bk), _pad(q_segment_ids.astype(jnp.int32), bq),
