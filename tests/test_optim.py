@@ -177,9 +177,9 @@ def _three_part_tree(rng):
 
 @pytest.mark.parametrize("moments", ["float32", "bfloat16"])
 @pytest.mark.parametrize("parts", [("vit", "merger", "llm"), ("merger", "llm")])
-def test_fused_update_is_optax_bit_for_bit(moments, parts):
+def test_fused_update_is_optax(moments, parts):
     """train_step's fused per-leaf update against tx.update + apply_updates + the guard, with the clip acting on
-    some steps and not on others: the same optimizer state bit for bit, params to a few ulp; a non-finite step
+    some steps and not on others: the same optimizer state to a few ulp (counts exactly), params to a few ulp; a non-finite step
     leaves everything as it was."""
     rng = np.random.default_rng(0)
     cfg = OptimConfig(lr=1e-2, warmup_steps=2, decay_steps=10, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
@@ -201,10 +201,23 @@ def test_fused_update_is_optax_bit_for_bit(moments, parts):
         p_new, s_new, m = fused(p, s, g, jnp.float32(1.0))
         assert bool(m["finite"]) and (float(m["grad_norm"]) > 1.0) == (scale > 1.0)
         assert jax.tree.structure(s_new) == jax.tree.structure(s_ref)
-        for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_new)):   # moments and counts: the same bits
-            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), step
-        # The new params: XLA compiles the one per-leaf expression into other fusions than optax's chain, which
-        # moves a few elements by a few units in the last place (seen: <= 21 ulp on 2 of 108, never the moments).
+        # Counts: the same. Moments: the clip, both moment updates and the new param are one expression per
+        # leaf, which XLA compiles into other fusions than optax's chain (the clipped gradient is recomputed in
+        # each instead of stored), with other roundings and contractions: f32 moments agree to a few units in
+        # the last place of the leaf's largest moment (an element near zero, where m's two terms cancel, can
+        # be many of its own ulps off); bf16-stored ones to one bf16 rounding.
+        for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_new)):
+            assert a.dtype == b.dtype, step
+            if a.dtype == jnp.float32:
+                scale = float(np.abs(np.asarray(a)).max())
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
+                                           atol=8 * np.finfo(np.float32).eps * scale, err_msg=str(step))
+            elif jnp.issubdtype(a.dtype, jnp.floating):   # bf16: at most one step of the stored bits
+                bits = lambda x: np.asarray(x).view(np.int16).astype(np.int32)
+                assert np.abs(bits(a) - bits(b)).max() <= 1, step
+            else:
+                assert np.array_equal(np.asarray(a), np.asarray(b)), step
+        # The new params move a few elements by a few units in the last place (seen: <= 21 ulp on 2 of 108).
         for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_new)):
             np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=32)
         np.testing.assert_allclose(float(m["param_norm"]), float(norm_ref), rtol=1e-6)   # summation order

@@ -138,9 +138,10 @@ def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state,
     (new params, new state, metrics) with the state in that same structure (checkpoints do not change). Each
     leaf's clipped gradient, both moments, the decayed and scaled update, the new param and the guard
     (`finite`: loss and gradient norm finite, else every array stays as it was) are one expression per leaf,
-    not passes over whole trees (the update's XLA temporaries on the 0.58B model: 3.96 -> 3.45 GiB). The
-    maths is optax's, op for op (`tx.update` then `optax.apply_updates`): the moments come out bit-identical,
-    the params within a few ulp (XLA fuses the expression differently from optax's chain).
+    not passes over whole trees, and the clipped gradient is never stored (the whole step's XLA temporaries
+    on the 0.58B model, full remat: 5.47 -> 3.40 GiB). The maths is optax's, op for op (`tx.update` then
+    `optax.apply_updates`); XLA fuses and rounds the one expression differently from optax's chain, so the
+    moments and params agree to a few ulp, not bit for bit.
     Metrics: grad_norm (before clipping), finite, param_norm (of the params kept).
     """
     if cfg.clip_norm > 0:
@@ -151,6 +152,11 @@ def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
     trigger = jnp.squeeze(grad_norm < cfg.clip_norm)
+    # optax's clip is (g / norm) * clip, which XLA compiles as g * (1 / norm) * clip; written that way here,
+    # with the reciprocal a scalar, the clipped gradient is cheap enough for XLA to recompute inside each
+    # fusion that reads it instead of holding a clipped copy of every gradient (0.58B model: the step's
+    # temporaries 5.47 -> 3.74 GiB), and the result is the same bits.
+    inv_norm = 1.0 / grad_norm
     stored = MOMENTS_DTYPES[cfg.moments_dtype]
     decay = _decay_mask(params)
 
@@ -161,7 +167,7 @@ def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state,
 
         def leaf(g, p, m, v, decayed):
             if cfg.clip_norm > 0:
-                g = jax.lax.select(trigger, g, (g / grad_norm.astype(g.dtype)) * cfg.clip_norm)
+                g = jax.lax.select(trigger, g, (g * inv_norm.astype(g.dtype)) * cfg.clip_norm)
             dtype = g.dtype
             if stored != jnp.float32:   # scale_by_adam_stored: float32 maths, rounded storage
                 g, m, v = g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32)
