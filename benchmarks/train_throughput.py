@@ -17,7 +17,7 @@ of up to 16 shapes; at most 2048 patches per example.
 - ours: `StreamingPacker` (the pipeline's packer) over a `--window` look-ahead into `--rows` rows per step at
   the buckets `suggest_buckets` fits to a held-out sample, then the project's jitted train step (`StepFn`,
   what train.py runs) in float32, attention `--attn-impl` (default auto, as train.py; on the CPU auto is the
-  dense XLA kernel below 1024 tokens, else `blockwise`, which skips the block pairs of different packed
+  dense XLA kernel below 512 tokens, else `blockwise`, which skips the block pairs of different packed
   examples).
   Only the batches packed with a full window count (the drain at the end of a finite stream is not
   training's steady state); their examples are the benchmark's examples.
