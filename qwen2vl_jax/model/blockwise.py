@@ -172,19 +172,21 @@ _attend.defvjp(_fwd_rule, _bwd_rule)
 
 
 def default_block(heads: int, head_dim: int) -> int:
-    """Block size of both axes. Accelerators: 512, the large blocks their matrix units want. CPU: 128, or 64
-    when a block pair's dots are small (heads x head_dim below 512).
+    """Block size of both axes. Accelerators: 512, the large blocks their matrix units want. CPU: by the work
+    of a block pair's dots, heads x head_dim: 32 up to 256, 64 below 512, else 128.
 
     A kept block pair is computed in full, so blocks much larger than the packed examples mostly compute
     pairs that the mask then drops; smaller blocks waste less but pay a fixed cost per loop iteration, which
     only enough work per pair hides. Measured on the CPU (2 cores, AVX-512), forward + backward of one
-    layer: the realistic mix's 1792-token rows of ~100-400-token examples (4 heads x 64) take 48 ms at 64,
-    72 ms at 128 (108 ms at 128 before the one-pass backward); rows of one 1024-patch image with 16 heads x 80
-    take 610 ms at 128 and 742 ms at 64.
+    layer on the realistic mix's rows of ~100-400-token examples: 1792 tokens, 4 heads x 64, causal: 43-45 ms
+    at 32, 47-48 at 64, 72 at 128 (108 at 128 before the one-pass backward); 1408 patches, 4 heads x 32:
+    28-30 ms at 32, 32-34 at 64, 50 at 128. Rows of one 1024-patch image, 16 heads x 80: 610 ms at 128,
+    742 at 64.
     """
     if jax.default_backend() != "cpu":
         return 512
-    return 64 if heads * head_dim < 512 else 128
+    width = heads * head_dim
+    return 32 if width <= 256 else 64 if width < 512 else 128
 
 
 def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: float,
