@@ -2,13 +2,14 @@
 cannot meet, so a packed row of n_i-token examples costs about sum(n_i^2), not L^2.
 
 The skip test compares the [min, max] range of non-zero segment ids of a query block with that of a key
-block (plus the causal corner). Disjoint ranges cannot share an id, so the skip is exact for any layout;
-inside a block the mask is still applied element-wise. Packed rows have increasing segment ids, so the
-kept pairs form a band around the diagonal.
+block (plus the causal corner). Disjoint ranges cannot share an id, so the skip is exact for any layout.
+Packed rows have increasing segment ids, so the kept pairs form a band around the diagonal; the loops visit
+the band between a query block's first and last kept key block, and every pair inside it (the mask is
+applied element-wise, so a pair that cannot meet inside the band only costs its arithmetic).
 
-Gradients come from a hand-written backward pass (flash-attention style: one loop over query blocks for
-dq, one over key blocks for dk/dv) that recomputes probabilities from the saved log-sum-exp; nothing of
-size L^2 is ever stored.
+Gradients come from a hand-written backward pass (flash-attention style) that recomputes each visited
+pair's probabilities once from the saved log-sum-exp and gives dq, dk and dv from them; nothing of size
+L^2 is ever stored.
 """
 
 from __future__ import annotations
