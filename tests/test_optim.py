@@ -178,6 +178,17 @@ def _three_part_tree(rng):
 @pytest.mark.parametrize("moments", ["float32", "bfloat16"])
 @pytest.mark.parametrize("parts", [("vit", "merger", "llm"), ("merger", "llm")])
 def test_fused_update_is_optax(moments, parts):
+    _fused_update_is_optax(moments, parts)
+
+
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+def test_fused_update_accelerator_form(moments, monkeypatch):
+    """TPUs and GPUs take the update without the CPU's ordering of the moment writes: the same checks."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    _fused_update_is_optax(moments, ("vit", "merger", "llm"))
+
+
+def _fused_update_is_optax(moments, parts):
     """train_step's fused per-leaf update against tx.update + apply_updates + the guard, with the clip acting on
     some steps and not on others: the same optimizer state to a few ulp (counts exactly), params to a few ulp; a non-finite step
     leaves everything as it was."""

@@ -191,6 +191,10 @@ def fused_update(cfg: OptimConfig, parts: Iterable[str], grads: dict, opt_state,
             # param (an exact zero made from one of its elements), and are written as a different expression
             # of the same sums, so that XLA recomputes them after the param instead of keeping f32 moments
             # from before it. The sums are the same but for rounding (a few ulp; bf16 storage: the same bits).
+            # CPU only: on a sharded TPU/GPU param the element would be a cross-device read per leaf, and
+            # those backends' memory was not measured with it; they keep optax's expressions.
+            if jax.default_backend() != "cpu":
+                return new_p, m.astype(stored), v.astype(stored)
             first = new_p.reshape(-1)[0].astype(jnp.float32)
             zero = (jnp.where(jnp.isfinite(first), first, 0.0) * 0.0).astype(m.dtype)
             m_keep = (1 - cfg.b1) * g + (cfg.b1 * m_old + zero)
