@@ -56,12 +56,12 @@ def _band(keep):
 
 
 def _scores(qb, kb, qs, ks, qi, ki, scale, causal):
-    """qb (bq, Hkv, G, D), kb (bk, Hkv, D) -> masked f32 scores (Hkv, G, bq, bk) and the mask."""
+    """qb (bq, Hkv, G, D), kb (bk, Hkv, D) -> f32 scores (Hkv, G, bq, bk), -inf where the mask drops them."""
     s = jnp.einsum("qkgd,skd->kgqs", qb, kb, preferred_element_type=jnp.float32) * scale
     mask = (qs[:, None] == ks[None, :]) & (qs[:, None] != 0)
     if causal:
         mask &= ki[None, :] <= qi[:, None]
-    return jnp.where(mask, s, -jnp.inf), mask
+    return jnp.where(mask, s, -jnp.inf)
 
 
 def _row_forward(q, k, v, qs, ks, pairs, scale, causal, bq, bk):
@@ -79,7 +79,7 @@ def _row_forward(q, k, v, qs, ks, pairs, scale, causal, bq, bk):
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk)
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk)
             ksb = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk)
-            s, _ = _scores(qb, kb, qsb, ksb, qi, j * bk + jnp.arange(bk), scale, causal)
+            s = _scores(qb, kb, qsb, ksb, qi, j * bk + jnp.arange(bk), scale, causal)
             m_new = jnp.maximum(m, s.max(-1))
             shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - shift[..., None])
@@ -120,7 +120,7 @@ def _row_backward(q, k, v, qs, ks, pairs, o, lse, do, scale, causal, bq, bk):
             dq_b, dk, dv = inner
             kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk)
             vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk)
-            s, _ = _scores(qb, kb, qsb, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk), i * bq + jnp.arange(bq),
+            s = _scores(qb, kb, qsb, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk), i * bq + jnp.arange(bq),
                            j * bk + jnp.arange(bk), scale, causal)
             p = jnp.exp(s - lse_b[..., None])
             dp = jnp.einsum("qkgd,skd->kgqs", dob, vb, preferred_element_type=jnp.float32)
