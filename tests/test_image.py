@@ -253,7 +253,7 @@ def test_zero_frame_video_raises():
 def test_video_file_without_pyav_says_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
     monkeypatch.setitem(sys.modules, "av", None)         # import av now raises ImportError
-    with pytest.raises(ValueError, match=r"clip\.mp4: decoding video files needs PyAV \(pip install av"):
+    with pytest.raises(ValueError, match=r"clip\.mp4: decoding video files needs PyAV: pip install av"):
         preprocess_video(str(tmp_path / "clip.mp4"))
     with pytest.raises(ValueError, match="video file not found: .*gone.mp4"):
         preprocess_video(str(tmp_path / "gone.mp4"))

@@ -8,7 +8,8 @@ walks the chunks checking their CRCs, without decompressing the pixels. From the
 processor's pixel budget it computes the example's size (text tokens, vision pads included; ViT patches)
 exactly as the processor would, so the run can size its buckets from the data (`data.buckets: auto`) and an
 example that fits no bucket is reported now. Videos given as frames are checked the same way, frame by frame;
-a video file is decoded (the only exact way to its frame count), so a set of video files checks slower.
+a video file by its container's header (frame count, frame rate, frame size: PyAV, no decoding), with the
+processor's sampling and budget rule; the report sums the videos' frames and tokens.
 
 What it cannot see is found when the pipeline reads the record and counts against the same skip budget: a
 JPEG cut short (its header is intact; Pillow notices only when decoding) or a record outside the sample.
@@ -34,8 +35,8 @@ from qwen2vl_jax.data.image import (FACTOR, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, 
                                     open_image_file, smart_resize)
 from qwen2vl_jax.data.processor import _check_trainable
 from qwen2vl_jax.data.records import DataError, Record
-from qwen2vl_jax.data.video import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, _check_frames, frame_budget,
-                                    sample_frame_count)
+from qwen2vl_jax.data.video import (FPS_MAX_FRAMES, FPS_MIN_FRAMES, _check_frames, frame_indices, frame_size,
+                                    video_header)
 
 CHUNK = 64   # records per task of the thread pool: one tokenizer batch
 
@@ -47,6 +48,9 @@ class CheckReport:
     problems: list[tuple[str, str]]     # (source "file:line", reason), in source order
     sizes: np.ndarray                   # (n, 2) (text tokens, patches) of the good records checked
     seconds: float
+    videos: int = 0                     # video items of the good records checked
+    video_frames: int = 0               # frames they keep after sampling
+    video_tokens: int = 0               # merged LLM tokens they become
 
     @property
     def sampled(self) -> bool:
@@ -56,7 +60,9 @@ class CheckReport:
         what = f"all {self.total:,} records" if not self.sampled else \
             f"{self.checked:,} of {self.total:,} records (a random sample)"
         bad = f"{len(self.problems)} bad" if self.problems else "no problems"
-        return f"data check: {what} in {self.seconds:.1f} s, {bad}"
+        videos = f"; {self.videos:,} video(s): {self.video_frames:,} frames, {self.video_tokens:,} tokens" \
+            if self.videos else ""
+        return f"data check: {what} in {self.seconds:.1f} s, {bad}{videos}"
 
 
 def check_records(records: Sequence, processor=None, *, limit: int = 0, seed: int = 0, buckets=None,
@@ -75,14 +81,15 @@ def check_records(records: Sequence, processor=None, *, limit: int = 0, seed: in
         picked = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
     chunks = [picked[i:i + CHUNK] for i in range(0, len(picked), CHUNK)]
     task = _Checker(records, processor, buckets, truncate, require_assistant)
-    problems, sizes = [], []
+    problems, sizes, videos = [], [], np.zeros(3, np.int64)
     threads = threads or min(32, (os.cpu_count() or 1) + 4)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for chunk_problems, chunk_sizes in pool.map(task, chunks):
+        for chunk_problems, chunk_sizes, chunk_videos in pool.map(task, chunks):
+            videos += chunk_videos
             problems += chunk_problems
             sizes += chunk_sizes
     return CheckReport(total, len(picked), problems, np.asarray(sizes, np.int64).reshape(-1, 2),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, *(int(v) for v in videos))
 
 
 class _Checker:
@@ -90,7 +97,7 @@ class _Checker:
         self.records, self.processor, self.require_assistant = records, processor, require_assistant
         self.buckets = None if buckets is None or truncate else tuple(tuple(b) for b in buckets)
 
-    def __call__(self, indices) -> tuple[list, list]:
+    def __call__(self, indices) -> tuple[list, list, np.ndarray]:
         problems, texts, vision, sources = [], [], [], []
         for i in indices:
             try:
@@ -110,10 +117,10 @@ class _Checker:
             vision.append(counts)
             sources.append(record.source)
         if self.processor is None:
-            return problems, []
-        sizes = []
+            return problems, [], np.zeros(3, np.int64)
+        sizes, stats = [], np.zeros(3, np.int64)   # videos, their frames, their tokens
         encodings = self.processor.tokenizer.encode_batch(texts) if texts else []
-        for enc, (tokens, patches), source in zip(encodings, vision, sources):
+        for enc, (tokens, patches, videos), source in zip(encodings, vision, sources):
             # The placeholders count once in the ids and expand to their merged tokens.
             n_text = len(enc.ids) - len(tokens) + sum(tokens)
             n_patches = sum(patches)
@@ -124,28 +131,34 @@ class _Checker:
                                  "the data, add a larger bucket, or lower data.image_max_pixels"))
                 continue
             sizes.append((n_text, n_patches))
-        return sorted(problems, key=lambda p: _order(p[0])), sizes
+            stats += [len(videos), sum(f for f, _ in videos), sum(t for _, t in videos)]
+        return sorted(problems, key=lambda p: _order(p[0])), sizes, stats
 
-    def _record(self, record: Record) -> tuple[str, tuple[list[int], list[int]]]:
-        """The record's chat text and its vision items' (merged tokens, patches); ValueError when bad."""
+    def _record(self, record: Record) -> tuple[str, tuple[list[int], list[int], list[tuple[int, int]]]]:
+        """The record's chat text, its vision items' (merged tokens, patches) and its videos' (frames, tokens);
+        ValueError when bad."""
         messages = record.messages
         if self.require_assistant:
             _check_trainable(messages)
-        tokens, patches = [], []
+        tokens, patches, videos = [], [], []
         items = [it for m in messages for it in m["content"] if it["type"] in ("image", "video")]
         for k, item in enumerate(items, 1):
             kind = item["type"]
             try:
-                n = self._image(item) if kind == "image" else self._video(item)
+                if kind == "image":
+                    n = self._image(item)
+                else:
+                    n, frames = self._video(item)
+                    videos.append((frames, n // 4))
             except ValueError as e:
                 name = describe(item[kind])
                 raise ValueError(f"{kind} {k}{'' if name in str(e) else f' ({name})'}: {e}") from None
             tokens.append(n // 4)
             patches.append(n)
         if self.processor is None:
-            return "", (tokens, patches)
+            return "", (tokens, patches, videos)
         text = self.processor.apply_chat_template(messages, messages[-1]["role"] != "assistant")
-        return text, (tokens, patches)
+        return text, (tokens, patches, videos)
 
     def _image(self, item: dict) -> int:
         """ViT patches of one image item, from its header."""
@@ -162,41 +175,46 @@ class _Checker:
         return (h // patch) * (w // patch)
 
     def _video(self, item: dict) -> int:
-        """ViT patches of one video item: frames given as a list or an array from their headers and shapes
-        (the processor's sampling and pixel budget, computed); a video file by decoding it, the only way to
-        its frame count and frame size (PyAV)."""
+        """ViT patches of one video item, from headers alone: the frames' image headers for a list, the shape of
+        an array, the container's header (frame count, frame rate, size; PyAV) for a file. The processor's own
+        sampling and budget rule (video.frame_indices / frame_size) turns them into the grid."""
         source, p = item["video"], self.processor
+        sample = item.get("fps") is not None or item.get("nframes") is not None
         if isinstance(source, (list, tuple)):
-            sizes = [image_size(frame) for frame in source]
+            if not source:
+                raise ValueError("video has zero frames; give at least one frame")
+            total, rate, first = len(source), item.get("video_fps"), None
         elif isinstance(source, np.ndarray):
             _check_frames(source)
-            sizes = [source.shape[1:3]] * len(source)
+            total, rate, first = len(source), item.get("video_fps"), source.shape[1:3]
         elif p is None:   # no sizes wanted: the file only has to be there
             if isinstance(source, (str, os.PathLike)) and not storage.exists(source):
                 raise ValueError(f"video file not found: {os.fspath(source)}")
-            return 0
+            return 0, 0
         else:
-            _, grids = p._encode_items([{"role": "user", "content": [item]}], "video")
-            return int(grids.prod(-1).sum())
-        if not sizes:
+            total, file_fps, height, width = video_header(source if isinstance(source, (bytes, bytearray))
+                                                          else os.fspath(source))
+            total, rate, first, sample = total, item.get("video_fps") or file_fps, (height, width), True
+        if total == 0:
             raise ValueError("video has zero frames; give at least one frame")
         if p is None:
-            return 0
-        n = len(sizes)
-        if item.get("fps") is not None or item.get("nframes") is not None:
-            n = sample_frame_count(n, item.get("video_fps"), item.get("fps"),
-                                   None if item.get("nframes") is None else int(item["nframes"]),
-                                   item.get("min_frames", FPS_MIN_FRAMES), item.get("max_frames", FPS_MAX_FRAMES))
-        factor = p.patch_size * p.merge_size
-        if "resized_height" in item and "resized_width" in item:
-            h, w = smart_resize(item["resized_height"], item["resized_width"], factor, IMAGE_MIN_PIXELS,
-                                IMAGE_MAX_PIXELS)
-        else:   # one size for all frames, from the first (always among the sampled ones)
-            lo = item.get("min_pixels", p.video_min_pixels)
-            hi = item.get("max_pixels", p.video_max_pixels)
-            total = item.get("total_pixels", p.video_total_pixels)
-            h, w = smart_resize(*sizes[0], factor, lo, frame_budget(n, lo, hi, total))
-        return -(-n // p.temporal_patch_size) * (h // p.patch_size) * (w // p.patch_size)
+            for frame in source if isinstance(source, (list, tuple)) else ():
+                image_size(frame)
+            return 0, 0
+        nframes = None if item.get("nframes") is None else int(item["nframes"])
+        fps = item.get("fps", p.video_fps if nframes is None else None)
+        indices = frame_indices(total, video_fps=rate, sample=sample, fps=fps, nframes=nframes,
+                                video_start=item.get("video_start"), video_end=item.get("video_end"),
+                                min_frames=item.get("min_frames", FPS_MIN_FRAMES),
+                                max_frames=item.get("max_frames", FPS_MAX_FRAMES))
+        if isinstance(source, (list, tuple)):
+            sizes = [image_size(frame) for frame in source]
+            first = sizes[int(indices[0])]
+        h, w = frame_size(len(indices), *first, min_pixels=item.get("min_pixels", p.video_min_pixels),
+                          max_pixels=p.video_max_pixels, total_pixels=item.get("total_pixels", p.video_total_pixels),
+                          item_max_pixels=item.get("max_pixels"), resized_height=item.get("resized_height"),
+                          resized_width=item.get("resized_width"), factor=p.patch_size * p.merge_size)
+        return -(-len(indices) // p.temporal_patch_size) * (h // p.patch_size) * (w // p.patch_size), len(indices)
 
 
 def image_size(source: Any) -> tuple[int, int]:

@@ -21,7 +21,8 @@ from qwen2vl_jax import storage
 from qwen2vl_jax.data.image import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, OPENAI_CLIP_MEAN,
                                     OPENAI_CLIP_STD, PATCH_SIZE, TEMPORAL_PATCH_SIZE, describe, preprocess_image)
 from qwen2vl_jax.data.records import IMAGE_KEYS, VIDEO_KEYS, DataError, Record, normalize_messages
-from qwen2vl_jax.data.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, preprocess_video
+from qwen2vl_jax.data.video import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS,
+                                    VIDEO_TOTAL_PIXELS, preprocess_video)
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -178,7 +179,8 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, *, chat_template: str | None = None,
                  image_min_pixels: int = IMAGE_MIN_PIXELS, image_max_pixels: int = IMAGE_MAX_PIXELS,
                  video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
-                 video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, padding_side: str = "left",
+                 video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, video_fps: float = FPS,
+                 padding_side: str = "left",
                  add_vision_id: bool = False, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
                  temporal_patch_size: int = TEMPORAL_PATCH_SIZE):
         if tokenizer.truncation or tokenizer.padding:  # the reference never truncates or pads inside a text
@@ -204,6 +206,9 @@ class Processor:
         self.image_min_pixels, self.image_max_pixels = image_min_pixels, image_max_pixels
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.video_total_pixels = video_total_pixels
+        if not video_fps > 0:
+            raise ValueError(f"video_fps (frames sampled per second of a video file) must be positive, got {video_fps}")
+        self.video_fps = video_fps
         self.padding_side = padding_side
         self.add_vision_id = add_vision_id
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
@@ -376,10 +381,9 @@ class Processor:
                 [preprocess_image(im, **kw, **self._patching()) for im in images])
             image_grids = out["image_grid_thw"]
         if videos:
-            kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
-                  "total_pixels": self.video_total_pixels, **(videos_kwargs or {})}
             out["pixel_values_videos"], out["video_grid_thw"] = self._concat(
-                [preprocess_video(v, **kw, **self._patching()) for v in videos])
+                [preprocess_video(v, **self._video_kwargs(v, videos_kwargs or {}), **self._patching())
+                 for v in videos])
             video_grids = out["video_grid_thw"]
         rows = [np.asarray(e.ids, np.int32) for e in self.tokenizer.encode_batch(texts)]
         image_tokens, video_tokens = self._vision_tokens(image_grids), self._vision_tokens(video_grids)
@@ -388,6 +392,15 @@ class Processor:
         rows = [np.repeat(r, reps[a:b]) for r, a, b in zip(rows, bounds[:-1], bounds[1:])]
         out["input_ids"], out["attention_mask"] = self._pad(rows, padding_side or self.padding_side)
         return out
+
+    def _video_kwargs(self, video, given: dict) -> dict:
+        """`preprocess_video` settings: the processor's budgets and frame rate under `given`. The rate samples
+        files only (frames given as a list or an array are used as given unless they ask for sampling)."""
+        kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
+              "total_pixels": self.video_total_pixels, **given}
+        if "fps" not in kw and "nframes" not in kw and not isinstance(video, (list, tuple, np.ndarray)):
+            kw["fps"] = self.video_fps
+        return kw
 
     def _patching(self) -> dict:
         return dict(patch_size=self.patch_size, merge_size=self.merge_size,
@@ -466,12 +479,13 @@ class Processor:
                                                     **self._patching()))
                 else:
                     kw = {key: item[key] for key in VIDEO_KEYS if key in item}
-                    kw.setdefault("min_pixels", self.video_min_pixels)
-                    kw.setdefault("max_pixels", self.video_max_pixels)
-                    kw.setdefault("total_pixels", self.video_total_pixels)
+                    # qwen-vl-utils 0.0.14: an item's max_pixels can only lower the per-frame budget.
+                    if "max_pixels" in kw:
+                        kw["item_max_pixels"] = kw.pop("max_pixels")
                     if "nframes" in kw:
                         kw["nframes"] = int(kw["nframes"])
                     video = item["video"]
+                    kw = self._video_kwargs(video, kw)
                     if isinstance(video, (list, tuple)):   # frames: fetched ones as bytes
                         video = [fetched.get(_key(f), f) for f in video]
                     results.append(preprocess_video(video, **kw, **self._patching()))

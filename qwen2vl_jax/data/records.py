@@ -28,7 +28,9 @@ from qwen2vl_jax import storage
 
 ROLES = ("system", "user", "assistant")
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_KEYS = IMAGE_KEYS + ("total_pixels", "fps", "nframes", "video_fps", "min_frames", "max_frames")
+VIDEO_KEYS = IMAGE_KEYS + ("total_pixels", "fps", "nframes", "video_fps", "min_frames", "max_frames",
+                           "video_start", "video_end")     # the clip range, seconds (qwen-vl-utils' keys)
+_FROM_ZERO = ("video_start", "video_end")
 # Text that would forge chat structure or vision placeholders and break the token/feature alignment.
 RESERVED = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
             "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -221,8 +223,10 @@ def _settings(item: dict, kind: str, where: str = "") -> dict:
         value = item.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{where}: {kind} setting {key}={value!r} must be a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                or (value == 0 and key not in _FROM_ZERO):
+            what = "a number of seconds >= 0" if key in _FROM_ZERO else "a positive number"
+            raise ValueError(f"{where}: {kind} setting {key}={value!r} must be {what}")
         out[key] = value
     return out
 
