@@ -230,5 +230,5 @@ def test_processor_settings_round_trip(tmp_path):
                 "image_token_id", "video_token_id")
     assert [getattr(back, k) for k in settings] == [getattr(proc, k) for k in settings]
     assert back.tokenizer.get_vocab() == proc.tokenizer.get_vocab()
-    Processor.default().save_pretrained(str(tmp_path / "default"))   # no video settings: no video file
-    assert not os.path.exists(tmp_path / "default" / "video_preprocessor_config.json")
+    Processor.default().save_pretrained(str(tmp_path / "default"))
+    assert os.path.exists(tmp_path / "default" / "video_preprocessor_config.json")   # the video budget, always

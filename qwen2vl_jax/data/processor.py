@@ -269,6 +269,8 @@ class Processor:
         if video:
             settings["video_min_pixels"], settings["video_max_pixels"] = _pixels(video, VIDEO_MIN_PIXELS,
                                                                                  VIDEO_MAX_PIXELS)
+            if video.get("fps"):
+                settings["video_fps"] = float(video["fps"])
         for key in ("patch_size", "merge_size", "temporal_patch_size"):
             if key in image:
                 settings[key] = int(image[key])
@@ -287,8 +289,8 @@ class Processor:
     def save_pretrained(self, path: str) -> None:
         """Write the processor files of an HF Qwen2-VL checkpoint, as the published ones lay them out:
         tokenizer.json, tokenizer_config.json (special tokens, chat template), chat_template.json and
-        preprocessor_config.json (plus video_preprocessor_config.json when the video settings are not the
-        defaults). transformers' `AutoProcessor` and `Processor.from_pretrained` read them back."""
+        preprocessor_config.json and video_preprocessor_config.json (the per-frame video budget and sampling rate).
+        transformers' `AutoProcessor` and `Processor.from_pretrained` read them back."""
         storage.makedirs(path)
         template = self.chat_template or QWEN2VL_CHAT_TEMPLATE
         added = self.tokenizer.get_added_tokens_decoder()
@@ -315,15 +317,17 @@ class Processor:
         }
         files = {"tokenizer_config.json": tokenizer_config, "chat_template.json": {"chat_template": template},
                  "preprocessor_config.json": image}
-        # Without this file, readers fall back to the qwen-vl-utils video defaults (from_pretrained) or to the
-        # image settings (transformers): written only when neither is what this processor does.
-        if (self.video_min_pixels, self.video_max_pixels) != (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS):
-            files["video_preprocessor_config.json"] = {
-                **{k: image[k] for k in ("image_mean", "image_std", "patch_size", "merge_size",
-                                         "temporal_patch_size", "processor_class")},
-                "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
-                "max_pixels": self.video_max_pixels,
-                "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}}
+        # Always written: without it transformers budgets videos as images (its fallback is
+        # preprocessor_config.json, 3,136..12,845,056 pixels per frame).
+        files["video_preprocessor_config.json"] = {
+            **{k: image[k] for k in ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean",
+                                     "image_std", "patch_size", "merge_size", "temporal_patch_size", "resample",
+                                     "rescale_factor", "processor_class")},
+            "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
+            "max_pixels": self.video_max_pixels,
+            "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels},
+            "do_sample_frames": False, "fps": self.video_fps, "min_frames": FPS_MIN_FRAMES,
+            "max_frames": FPS_MAX_FRAMES}
         storage.write_text(storage.join(path, "tokenizer.json"), self._tokenizer_json or self.tokenizer.to_str())
         for name, content in files.items():
             storage.write_text(storage.join(path, name), json.dumps(content, indent=2, ensure_ascii=False))

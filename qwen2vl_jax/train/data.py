@@ -27,7 +27,10 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     """`data.tokenizer` (an HF dir with tokenizer.json) if set, else the model's own HF dir when it has one,
     else the Qwen2 vocabulary for full-size models and a byte-level tokenizer at the config's ids for small
     test models such as the demo's."""
-    kw = dict(image_min_pixels=cfg.data.image_min_pixels, image_max_pixels=cfg.data.image_max_pixels)
+    d = cfg.data
+    kw = dict(image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
+              video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
+              video_total_pixels=d.video_total_pixels or None, video_fps=d.video_fps)
     for path in (cfg.data.tokenizer, cfg.init_from, cfg.model):
         if path and storage.isfile(storage.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path, **kw)
