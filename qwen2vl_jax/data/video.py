@@ -275,24 +275,19 @@ _LUT = _lookup_table()
 def pixels_from_uint8(frames: np.ndarray, patch_size: int = PATCH_SIZE, temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
                       merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(T, H, W, 3) uint8 resized frames -> (`pixel_values_videos`, grid), equal bit for bit to
-    `patchify(normalize(frames))`: the rows are laid out in uint8 (a quarter of the float bytes), then each
-    value is looked up in a 256-level table per channel, a block of rows at a time."""
+    `patchify(normalize(frames))`: each value is looked up in a 256-level table per channel, one temporal patch
+    at a time, so nothing of the output's size is made but the output."""
     T, H, W, C = frames.shape
-    if T % temporal_patch_size:
-        pad = np.repeat(frames[-1:], temporal_patch_size - T % temporal_patch_size, axis=0)
-        frames = np.concatenate([frames, pad])
-    gt, gh, gw = frames.shape[0] // temporal_patch_size, H // patch_size, W // patch_size
-    m, p = merge_size, patch_size
-    x = frames.reshape(gt, temporal_patch_size, gh // m, m, p, gw // m, m, p, C)
-    # rows (t, block_h, block_w, in_h, in_w), columns (c, tp, py, px): as `patchify`
-    rows = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(gt * gh * gw, -1)
-    del x, frames
-    cols = rows.shape[1]
-    offset = (np.arange(cols, dtype=np.intp) // (cols // C)) * 256      # channel of each column, times 256
-    out = np.empty(rows.shape, np.float32)
-    step = max(1, (1 << 20) // cols)
-    for a in range(0, len(rows), step):
-        np.take(_LUT, rows[a:a + step] + offset, out=out[a:a + step])
+    tp, m, p = temporal_patch_size, merge_size, patch_size
+    gt, gh, gw = -(-T // tp), H // p, W // p
+    cols = C * tp * p * p
+    offset = (np.arange(cols, dtype=np.intp) // (tp * p * p)) * 256      # each column's channel, times 256
+    out = np.empty((gt * gh * gw, cols), np.float32)
+    for t in range(gt):   # one temporal patch at a time; an odd count repeats the last frame
+        x = frames[[min(t * tp + j, T - 1) for j in range(tp)]].reshape(tp, gh // m, m, p, gw // m, m, p, C)
+        # rows (block_h, block_w, in_h, in_w), columns (c, tp, py, px): as `patchify`
+        rows = x.transpose(1, 4, 2, 5, 7, 0, 3, 6).reshape(gh * gw, cols)
+        np.take(_LUT, rows + offset, out=out[t * gh * gw:(t + 1) * gh * gw])
     return out, np.array([[gt, gh, gw]], np.int64)
 
 
