@@ -2,9 +2,10 @@
 
 Images of flat shapes (circle, square, triangle) in named colours on a plain background, with questions whose
 one-word answers can be read from the pixels: the colour of a shape, the shape of a colour, how many shapes,
-which side a shape is on; for two images, which holds more shapes; for videos (lists of frame PNGs), which way
-a shape moves. Text-only questions count the colours in a written list. Everything is deterministic from the
-seed: example i of a split depends only on (seed, split, i).
+which side a shape is on; for two images, which holds more shapes; for videos (H.264 mp4 files written with
+PyAV at 2 frames per second, so the processor's 2 fps sampling keeps every frame; lists of frame PNGs where
+PyAV is not installed, or with `video_format="frames"`), which way a shape moves. Text-only questions count
+the colours in a written list. Everything is deterministic from the seed: example i of a split depends only on (seed, split, i).
 
 Written as the JSONL training format (paths relative to the file), with two extra keys the reader ignores:
 `id`, and `meta` (task and ground truth) for per-task scores.
@@ -52,6 +53,7 @@ class SyntheticConfig:
     video_side: tuple[int, int] = (56, 84)    # frame side range, pixels
     video_pixels: tuple[int, int] | None = (3136, 3136)   # (min, max) pixels per frame written into each video
     #                                                       item; None = the processor's video defaults
+    video_format: str = "mp4"           # mp4 (falls back to frames without PyAV) | frames (a list of PNGs)
 
     @classmethod
     def demo(cls) -> "SyntheticConfig":
@@ -70,7 +72,7 @@ class SyntheticConfig:
         patches per example (four 1500x1000 images would be 31104)."""
         return cls(min_side=28, max_side=1500, max_area=1500 * 1000, max_patches=16384, p_text=0.10, p_multi=0.10,
                    p_video=0.05, p_caption=0.30, max_images=4, max_shapes=32, video_frames=(4, 16),
-                   video_side=(140, 480), video_pixels=None)
+                   video_side=(140, 480), video_pixels=None, video_format="frames")
 
 
 def train_path(data_dir: str) -> str:
@@ -174,6 +176,8 @@ def _video(rng, config, data_dir, stem):
     lo, hi = config.video_frames
     n = 2 * int(rng.integers(max(1, lo // 2), max(1, hi // 2) + 1))
     w, h = (int(rng.integers(config.video_side[0], config.video_side[1] + 1)) for _ in range(2))
+    if config.video_format == "mp4" and _has_av():
+        w, h = w - w % 2, h - h % 2          # 4:2:0 chroma needs even sides
     colour = str(rng.choice(list(COLOURS)))
     shape = str(rng.choice(SHAPES))
     direction = str(rng.choice(DIRECTIONS))
@@ -189,8 +193,11 @@ def _video(rng, config, data_dir, stem):
         pos = step if direction in ("right", "down") else margin + along - (step - margin)
         x, y = (pos, int(start)) if direction in ("left", "right") else (int(start), pos)
         item = {"shape": shape, "colour": colour, "box": [int(x), int(y), int(x) + s, int(y) + s]}
-        frames.append(_save(_draw(rng, w, h, [item], background), data_dir, f"{stem}/{f:02d}.png"))
-    video = {"video": frames}
+        frames.append(_draw(rng, w, h, [item], background))
+    if config.video_format == "mp4" and _has_av():
+        video = {"video": _save_mp4(frames, data_dir, f"{stem}.mp4")}
+    else:
+        video = {"video": [_save(frame, data_dir, f"{stem}/{f:02d}.png") for f, frame in enumerate(frames)]}
     if config.video_pixels is not None:
         video["min_pixels"], video["max_pixels"] = config.video_pixels
     question = f"Which way does the {colour} {shape} move?"
@@ -305,6 +312,32 @@ def _draw(rng, w, h, shapes, background=None) -> Image.Image:
         else:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
     return img
+
+
+def _has_av() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+VIDEO_RATE = 2   # frames per second of the written clips: the processor's default sampling keeps them all
+
+
+def _save_mp4(frames: list, data_dir: str, rel: str) -> str:
+    """An H.264 clip of `frames` at VIDEO_RATE fps, near-lossless (crf 12) and deterministic (one thread)."""
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_RATE, options={"crf": "12", "preset": "fast"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    storage.write_bytes(storage.join(data_dir, rel), buf.getvalue())
+    return rel
 
 
 def _save(img: Image.Image, data_dir: str, rel: str) -> str:
