@@ -223,6 +223,12 @@ def test_processor_video_knobs(clips):
     proc = Processor.default(video_fps=4.0, video_max_pixels=200 * 28 * 28, video_total_pixels=None)
     assert proc._encode_items([{"role": "user", "content": [{"type": "video", "video": clips["mp4"]}]}],
                               "video")[1].tolist() == [[12, 20, 28]]     # 6 s at 4 fps
+    # an item's max_pixels above the per-frame cap does not raise it (qwen-vl-utils 0.0.14)
+    clip = np.zeros((4, 720, 1280, 3), np.uint8)
+    item = {"role": "user", "content": [{"type": "video", "video": clip, "max_pixels": 1280 * 28 * 28}]}
+    assert Processor.default()._encode_items([item], "video")[1].tolist() == [[2, 40, 72]]      # 1008x560
+    item["content"][0]["max_pixels"] = 200_000
+    assert Processor.default()._encode_items([item], "video")[1].tolist() == [[2, 22, 42]]      # 588x308: lowered
     with pytest.raises(ValueError, match="video_fps .* must be positive"):
         Processor.default(video_fps=0)
 
@@ -256,7 +262,8 @@ def test_record_check_reads_headers_and_sums_videos(clips, tmp_path, monkeypatch
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": clips[name], **ele},
                                                        {"type": "text", "text": "Which way?"}]},
                           {"role": "assistant", "content": "right"}]}
-            for name, ele in (("mp4", {}), ("odd", {}), ("ntsc", {"video_start": 1.0}), ("mp4", {"nframes": 6}))]
+            for name, ele in (("mp4", {}), ("odd", {}), ("ntsc", {"video_start": 1.0}), ("mp4", {"nframes": 6}),
+                              ("webm", {}))]   # WebM stores no frame count: duration x rate
     path = tmp_path / "v.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = read_records(str(path))
@@ -271,8 +278,8 @@ def test_record_check_reads_headers_and_sums_videos(clips, tmp_path, monkeypatch
     assert report.problems == []
     assert report.sizes.tolist() == [[len(e["input_ids"]), len(e["pixel_values_videos"])] for e in exact]
     tokens = sum(int(e["video_grid_thw"].prod()) // 4 for e in exact)
-    assert (report.videos, report.video_frames, report.video_tokens) == (4, 12 + 4 + 8 + 6, tokens)
-    assert f"4 video(s): 30 frames, {tokens:,} tokens" in report.describe()
+    assert (report.videos, report.video_frames, report.video_tokens) == (5, 12 + 4 + 8 + 6 + 6, tokens)
+    assert f"5 video(s): 36 frames, {tokens:,} tokens" in report.describe()
 
 
 def test_errors_a_user_meets(clips, tmp_path, monkeypatch):
