@@ -42,7 +42,7 @@ def test_hf_checkpoint_in_a_bucket_loads_by_ranged_reads(hf_checkpoints, bucket,
     model.save_pretrained(f"{bucket}/hf")
     assert storage.listdir(f"{bucket}/hf") == [   # a complete HF checkpoint, written to the bucket
         "chat_template.json", "config.json", "generation_config.json", "model.safetensors",
-        "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
+        "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "video_preprocessor_config.json"]
     reads = []
     real = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
