@@ -114,8 +114,8 @@ class Qwen2VL:
         """Write a complete HF checkpoint that transformers (`AutoProcessor`, `Qwen2VLForConditionalGeneration`)
         and `load_pretrained` / `Processor.from_pretrained` load: config.json, safetensors, the tokenizer and
         chat template of `processor` (default `Processor.for_model(config)`), preprocessor_config.json,
-        video_preprocessor_config.json and
-        generation_config.json (default: greedy, the config's EOS and pad ids)."""
+        video_preprocessor_config.json and generation_config.json (default: greedy, the config's EOS and pad
+        ids)."""
         hf.save_processing(self.config, path, processor, generation_config)   # checks the processor first
         hf.save_params(self.params, self.config, path, max_shard_bytes)
 
