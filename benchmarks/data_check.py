@@ -5,8 +5,9 @@ the same records (decode, resize, patchify, tokenise, prepare), on the realistic
     python benchmarks/data_check.py [--examples 1000] [--encode 200] [--threads 0]
 
 Ends with one JSON line: records per second of the check (all records, threads as `data.check` uses them),
-of the check on the records without videos (the mix's videos are frame lists, each frame checked by its header), and of full encoding (one
-thread, `--encode` records), and their ratio. The data set is cached under --data-dir.
+of the check on the records without videos (the mix's videos are frame lists, each frame checked by its
+header), and of full encoding (one thread, `--encode` records), and their ratio. The data set is cached under
+--data-dir.
 """
 
 from __future__ import annotations
