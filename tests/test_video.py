@@ -220,7 +220,7 @@ def test_lookup_table_equals_float_normalisation():
 
 
 def test_processor_video_knobs(clips):
-    proc = Processor.default(video_fps=4.0, video_max_pixels=200 * 28 * 28, video_total_pixels=None)
+    proc = Processor.default(video_sample_fps=4.0, video_max_pixels=200 * 28 * 28, video_total_pixels=None)
     assert proc._encode_items([{"role": "user", "content": [{"type": "video", "video": clips["mp4"]}]}],
                               "video")[1].tolist() == [[12, 20, 28]]     # 6 s at 4 fps
     # an item's max_pixels above the per-frame cap does not raise it (qwen-vl-utils 0.0.14)
@@ -229,8 +229,8 @@ def test_processor_video_knobs(clips):
     assert Processor.default()._encode_items([item], "video")[1].tolist() == [[2, 40, 72]]      # 1008x560
     item["content"][0]["max_pixels"] = 200_000
     assert Processor.default()._encode_items([item], "video")[1].tolist() == [[2, 22, 42]]      # 588x308: lowered
-    with pytest.raises(ValueError, match="video_fps .* must be positive"):
-        Processor.default(video_fps=0)
+    with pytest.raises(ValueError, match="video_sample_fps .* must be positive"):
+        Processor.default(video_sample_fps=0)
 
 
 # -- export ----------------------------------------------------------------------------------------------------
@@ -249,11 +249,11 @@ def test_export_writes_the_video_budget_transformers_reads(tmp_path):
     assert grid.tolist() == ref["video_grid_thw"].tolist() == [[2, 40, 72]]
     np.testing.assert_array_equal(pixels, ref["pixel_values_videos"])
     back = Processor.from_pretrained(str(tmp_path))
-    assert (back.video_min_pixels, back.video_max_pixels, back.video_fps) == (128 * 28 * 28, 768 * 28 * 28, 2.0)
-    custom = Processor.default(video_max_pixels=300 * 28 * 28, video_fps=1.0)
+    assert (back.video_min_pixels, back.video_max_pixels, back.video_sample_fps) == (128 * 28 * 28, 768 * 28 * 28, 2.0)
+    custom = Processor.default(video_max_pixels=300 * 28 * 28, video_sample_fps=1.0)
     custom.save_pretrained(str(tmp_path / "custom"))
     back = Processor.from_pretrained(str(tmp_path / "custom"))
-    assert (back.video_max_pixels, back.video_fps) == (300 * 28 * 28, 1.0)
+    assert (back.video_max_pixels, back.video_sample_fps) == (300 * 28 * 28, 1.0)
 
 
 # -- the record check and errors --------------------------------------------------------------------------------

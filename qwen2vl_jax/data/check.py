@@ -202,7 +202,7 @@ class _Checker:
                 image_size(frame)
             return 0, 0
         nframes = None if item.get("nframes") is None else int(item["nframes"])
-        fps = item.get("fps", p.video_fps if nframes is None else None)
+        fps = item.get("fps", p.video_sample_fps if nframes is None else None)
         indices = frame_indices(total, video_fps=rate, sample=sample, fps=fps, nframes=nframes,
                                 video_start=item.get("video_start"), video_end=item.get("video_end"),
                                 min_frames=item.get("min_frames", FPS_MIN_FRAMES),

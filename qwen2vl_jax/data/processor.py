@@ -179,7 +179,7 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, *, chat_template: str | None = None,
                  image_min_pixels: int = IMAGE_MIN_PIXELS, image_max_pixels: int = IMAGE_MAX_PIXELS,
                  video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
-                 video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, video_fps: float = FPS,
+                 video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, video_sample_fps: float = FPS,
                  padding_side: str = "left",
                  add_vision_id: bool = False, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
                  temporal_patch_size: int = TEMPORAL_PATCH_SIZE):
@@ -206,9 +206,10 @@ class Processor:
         self.image_min_pixels, self.image_max_pixels = image_min_pixels, image_max_pixels
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.video_total_pixels = video_total_pixels
-        if not video_fps > 0:
-            raise ValueError(f"video_fps (frames sampled per second of a video file) must be positive, got {video_fps}")
-        self.video_fps = video_fps
+        if not video_sample_fps > 0:
+            raise ValueError(f"video_sample_fps (frames sampled per second of a video file) must be positive, got "
+                             f"{video_sample_fps}")
+        self.video_sample_fps = video_sample_fps
         self.padding_side = padding_side
         self.add_vision_id = add_vision_id
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
@@ -270,7 +271,7 @@ class Processor:
             settings["video_min_pixels"], settings["video_max_pixels"] = _pixels(video, VIDEO_MIN_PIXELS,
                                                                                  VIDEO_MAX_PIXELS)
             if video.get("fps"):
-                settings["video_fps"] = float(video["fps"])
+                settings["video_sample_fps"] = float(video["fps"])
         for key in ("patch_size", "merge_size", "temporal_patch_size"):
             if key in image:
                 settings[key] = int(image[key])
@@ -326,7 +327,7 @@ class Processor:
             "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": self.video_min_pixels,
             "max_pixels": self.video_max_pixels,
             "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels},
-            "do_sample_frames": False, "fps": self.video_fps, "min_frames": FPS_MIN_FRAMES,
+            "do_sample_frames": False, "fps": self.video_sample_fps, "min_frames": FPS_MIN_FRAMES,
             "max_frames": FPS_MAX_FRAMES}
         storage.write_text(storage.join(path, "tokenizer.json"), self._tokenizer_json or self.tokenizer.to_str())
         for name, content in files.items():
@@ -403,7 +404,7 @@ class Processor:
         kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
               "total_pixels": self.video_total_pixels, **given}
         if "fps" not in kw and "nframes" not in kw and not isinstance(video, (list, tuple, np.ndarray)):
-            kw["fps"] = self.video_fps
+            kw["fps"] = self.video_sample_fps
         return kw
 
     def _patching(self) -> dict:

@@ -63,7 +63,7 @@ class DataConfig:
     video_min_pixels: int = 100352         # per video frame (qwen-vl-utils 0.0.14: 128*28*28)
     video_max_pixels: int = 602112         # per video frame (768*28*28)
     video_total_pixels: int = 90316800     # per video, shared by its frames (128000*28*28*0.9); 0 = no cap
-    video_fps: float = 2.0                 # frames sampled per second of a video file
+    video_sample_fps: float = 2.0          # frames sampled per second of a video file (an item's fps)
     synthetic_size: int = 2000             # examples of the generated demo set
     synthetic_dir: str = ""                # where the generated set lives; default <workdir>/synthetic
 

@@ -30,7 +30,7 @@ def processor(cfg: RunConfig, config: Qwen2VLConfig) -> Processor:
     d = cfg.data
     kw = dict(image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
               video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
-              video_total_pixels=d.video_total_pixels or None, video_fps=d.video_fps)
+              video_total_pixels=d.video_total_pixels or None, video_sample_fps=d.video_sample_fps)
     for path in (cfg.data.tokenizer, cfg.init_from, cfg.model):
         if path and storage.isfile(storage.join(path, "tokenizer.json")):
             return Processor.from_pretrained(path, **kw)
