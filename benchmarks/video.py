@@ -141,7 +141,8 @@ def main() -> None:
             "reference_frames_per_s": round(r["frames"] / r["seconds"], 1),
             "speedup_vs_reference": round(r["seconds"] / p["seconds"], 2),
             "bit_exact_with_reference": same, "grid": p["grid"], "sampled_frames": p["frames"],
-            "output_mb": round(p["output_bytes"] / 2 ** 20, 1), "peak_rise_mb": round(p["peak_rise_bytes"] / 2 ** 20, 1),
+            "output_mb": round(p["output_bytes"] / 2 ** 20, 1),
+            "peak_rise_mb": round(p["peak_rise_bytes"] / 2 ** 20, 1),
             "reference_peak_rise_mb": round(r["peak_rise_bytes"] / 2 ** 20, 1),
             "seconds": round(p["seconds"], 3), "reference_seconds": round(r["seconds"], 3)}
     result = {f"{k}_{name}": v[name] for k, v in clips.items()

@@ -49,7 +49,8 @@ def write_clip(path, frames: int, rate=24, width=160, height=120, codec=None):
 
 def decode_all(path):
     with av.open(path) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]), float(c.streams.video[0].average_rate)
+        rate = float(c.streams.video[0].average_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]), rate
 
 
 # -- qwen-vl-utils 0.0.14, written out (fetch_video, smart_nframes, calculate_video_frame_range) --------------
@@ -128,7 +129,8 @@ def test_clip_range_rule_and_grid(clips):
         preprocess_video(np.zeros((8, 28, 28, 3), np.uint8), video_start=1.0)
     # frames given as an array with their rate: the same range rule, every frame of the range kept
     frames = np.zeros((40, 28, 28, 3), np.uint8)
-    assert preprocess_video(frames, video_fps=10.0, video_start=1.05, video_end=2.5)[1][0, 0] == 8   # 11..25, odd: padded
+    # frames 11..25 (15, padded to 16)
+    assert preprocess_video(frames, video_fps=10.0, video_start=1.05, video_end=2.5)[1][0, 0] == 8
 
 
 def test_clip_range_in_both_record_forms_the_call_and_shards(clips, tmp_path):

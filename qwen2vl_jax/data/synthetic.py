@@ -5,7 +5,8 @@ one-word answers can be read from the pixels: the colour of a shape, the shape o
 which side a shape is on; for two images, which holds more shapes; for videos (H.264 mp4 files written with
 PyAV at 2 frames per second, so the processor's 2 fps sampling keeps every frame; lists of frame PNGs where
 PyAV is not installed, or with `video_format="frames"`), which way a shape moves. Text-only questions count
-the colours in a written list. Everything is deterministic from the seed: example i of a split depends only on (seed, split, i).
+the colours in a written list. Everything is deterministic from the seed: example i of a split depends only
+on (seed, split, i).
 
 Written as the JSONL training format (paths relative to the file), with two extra keys the reader ignores:
 `id`, and `meta` (task and ground truth) for per-task scores.

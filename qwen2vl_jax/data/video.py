@@ -94,8 +94,8 @@ def clip_range(total_frames: int, video_fps: float | None, video_start: float | 
     last = total_frames - 1 if video_end is None else \
         min(math.floor(max(0.0, min(video_end, duration)) * video_fps), total_frames - 1)
     if first >= last:
-        raise ValueError(f"clip range video_start={video_start}, video_end={video_end} s holds {max(0, last - first + 1)}"
-                         f" frame(s) of this {duration:.3g} s video (frames {first}..{last} of {total_frames} at "
+        raise ValueError(f"clip range video_start={video_start}, video_end={video_end} s holds "
+                         f"{max(0, last - first + 1)} frame(s) of this {duration:.3g} s video (frames {first}..{last} of {total_frames} at "
                          f"{video_fps:g} fps); give a range of at least two frames inside the video")
     return first, last - first + 1
 
@@ -137,12 +137,6 @@ def frame_size(nframes: int, height: int, width: int, *, min_pixels: int = VIDEO
         return smart_resize(resized_height, resized_width, factor, IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS)
     budget = frame_budget(nframes, min_pixels, max_pixels, total_pixels, item_max_pixels)
     return smart_resize(height, width, factor, min_pixels, budget)
-
-
-def video_tokens(grid) -> int:
-    """Merged LLM tokens of a video's grid (t, h, w)."""
-    t, h, w = (int(x) for x in np.asarray(grid).reshape(-1)[:3])
-    return t * h * w // (MERGE_SIZE * MERGE_SIZE)
 
 
 # -- decoding --------------------------------------------------------------------------------------------------
@@ -363,5 +357,5 @@ def _check_frames(frames) -> None:
 
 
 __all__ = ["preprocess_video", "read_video", "probe_video", "video_header", "sample_frame_count",
-           "sample_frame_indices", "clip_range", "frame_budget", "frame_indices", "frame_size", "video_tokens", "pixels_from_uint8",
+           "sample_frame_indices", "clip_range", "frame_budget", "frame_indices", "frame_size", "pixels_from_uint8",
            "VIDEO_MIN_PIXELS", "VIDEO_MAX_PIXELS", "VIDEO_TOTAL_PIXELS", "FPS"]
