@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import hf
+from qwen2vl_jax import hf, schema
 from qwen2vl_jax.config import ConfigError, Qwen2VLConfig
 from qwen2vl_jax.inputs import batch_from_hf
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 
 # Keys of the packed batch format the model reads (the rest — labels, loss_mask, example_index — are not).
-MODEL_KEYS = ("input_ids", "positions", "segment_ids", "patches", "patch_segment_ids", "patch_positions",
-              "vision_index")
+MODEL_KEYS = schema.MODEL_KEYS
 
 
 def _dtype(d) -> Any:
@@ -40,6 +39,7 @@ def dummy_batch(config: Qwen2VLConfig, batch: int = 1, text_len: int = 8, patch_
         "patch_segment_ids": jnp.ones((batch, patch_len), jnp.int32),
         "patch_positions": jnp.zeros((batch, patch_len, 2), jnp.int32),
         "vision_index": jnp.full((batch, text_len), -1, jnp.int32),
+        **({"patch_window_ids": jnp.ones((batch, patch_len), jnp.int32)} if config.vision.window_size else {}),
     }
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from qwen2vl_jax import schema
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.infer import cache as kv
 from qwen2vl_jax.infer.config import GenerationConfig
@@ -174,7 +175,5 @@ def _pad_patches(batch: dict, p: int) -> dict:
     extra = p - batch["patches"].shape[1]
     if extra <= 0:
         return batch
-    widths = {"patches": ((0, 0), (0, extra), (0, 0)), "patch_segment_ids": ((0, 0), (0, extra)),
-              "patch_positions": ((0, 0), (0, extra), (0, 0))}
-    return {k: np.pad(v, widths[k]) if k in widths else v for k, v in batch.items()}
+    return {k: schema.pad_to(v, k, 0, p) if schema.BY_NAME[k].length == "patch" else v for k, v in batch.items()}
 
