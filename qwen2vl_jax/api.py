@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import hf
+from qwen2vl_jax import hf, schema
 from qwen2vl_jax.config import ConfigError, Qwen2VLConfig
 from qwen2vl_jax.inputs import batch_from_hf
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 
 # Keys of the packed batch format the model reads (the rest — labels, loss_mask, example_index — are not).
-MODEL_KEYS = ("input_ids", "positions", "segment_ids", "patches", "patch_segment_ids", "patch_positions",
-              "vision_index")
+MODEL_KEYS = schema.MODEL_KEYS
 
 
 def _dtype(d) -> Any:
@@ -40,6 +39,7 @@ def dummy_batch(config: Qwen2VLConfig, batch: int = 1, text_len: int = 8, patch_
         "patch_segment_ids": jnp.ones((batch, patch_len), jnp.int32),
         "patch_positions": jnp.zeros((batch, patch_len, 2), jnp.int32),
         "vision_index": jnp.full((batch, text_len), -1, jnp.int32),
+        **({"patch_window_ids": jnp.ones((batch, patch_len), jnp.int32)} if config.vision.window_size else {}),
     }
 
 
@@ -54,7 +54,7 @@ def logical_specs(module: Qwen2VLModule):
 
 
 class Qwen2VL:
-    """A Qwen2-VL model: config + params + the jitted functions that use them.
+    """A model of a supported family (Qwen2-VL, Qwen2.5-VL): config + params + the jitted functions that use them.
 
     `dtype` is the compute dtype; params keep whatever dtype they were created or loaded in.
     """
@@ -90,28 +90,32 @@ class Qwen2VL:
         return self._logits_fn(self.params, batch)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
-        """HF-compatible forward: logits (B, L, vocab). Inputs are numpy/torch-like arrays."""
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> jax.Array:
+        """HF-compatible forward: logits (B, L, vocab). Inputs are numpy/torch-like arrays.
+        `second_per_grid_ts`: seconds per temporal patch of each video (Qwen2.5-VL)."""
         batch, _ = batch_from_hf(self.config, _np(input_ids), _np(attention_mask), _np(pixel_values),
-                                 _np(image_grid_thw), _np(pixel_values_videos), _np(video_grid_thw))
+                                 _np(image_grid_thw), _np(pixel_values_videos), _np(video_grid_thw),
+                                 second_per_grid_ts=_np(second_per_grid_ts))
         return self.packed_logits(batch)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, max_new_tokens=32, do_sample=False,
-                 eos_token_id=None, **sampling) -> np.ndarray:
+                 eos_token_id=None, second_per_grid_ts=None, **sampling) -> np.ndarray:
         """HF-style generation: (B, L + new) int32 = the prompt, then the new tokens, with pad_token_id after
         a row's EOS. Prompts must be left-padded. `sampling`: temperature, top_k, top_p, repetition_penalty,
         pad_token_id, seed (see `qwen2vl_jax.infer`)."""
         from qwen2vl_jax import infer
         return infer.generate(self, _np(input_ids), _np(attention_mask), _np(pixel_values), _np(image_grid_thw),
                               _np(pixel_values_videos), _np(video_grid_thw), max_new_tokens=max_new_tokens,
-                              do_sample=do_sample, eos_token_id=eos_token_id, **sampling).sequences
+                              do_sample=do_sample, eos_token_id=eos_token_id,
+                              second_per_grid_ts=_np(second_per_grid_ts), **sampling).sequences
 
     # -- export ---------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2 ** 30, processor=None,
                         generation_config=None) -> None:
-        """Write a complete HF checkpoint that transformers (`AutoProcessor`, `Qwen2VLForConditionalGeneration`)
+        """Write a complete HF checkpoint that transformers (`AutoProcessor` and the family's class:
+        `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration`)
         and `load_pretrained` / `Processor.from_pretrained` load: config.json, safetensors, the tokenizer and
         chat template of `processor` (default `Processor.for_model(config)`), preprocessor_config.json,
         video_preprocessor_config.json and generation_config.json (default: greedy, the config's EOS and pad
@@ -129,7 +133,7 @@ def _np(x):
 
 
 def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, **kw) -> Qwen2VL:
-    """Load an HF Qwen2-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
+    """Load an HF Qwen2-VL or Qwen2.5-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
 
     `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
     sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`).

@@ -11,7 +11,7 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot describe a Qwen2-VL model."""
+    """A configuration that cannot describe a model of a supported family (Qwen2-VL, Qwen2.5-VL)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,12 @@ class VisionConfig:
     spatial_merge_size: int = 2
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0        # 2D RoPE base, hard-coded in the reference
+    norm: str = "layernorm"            # ViT block and merger norm: "layernorm" (Qwen2-VL) or "rmsnorm" (Qwen2.5-VL)
+    mlp: str = "fc"                    # ViT MLP: "fc" (fc1-act-fc2) or "swiglu" (gate/up/down, with biases)
+    intermediate_size: int | None = None   # MLP hidden when set (Qwen2.5-VL), else int(embed_dim * mlp_ratio)
+    window_size: int = 0               # window side in pixels for window attention; 0 = full attention everywhere
+    fullatt_block_indexes: tuple[int, ...] = ()   # blocks that attend over the whole image when windowed
+    tokens_per_second: int | None = None   # M-RoPE time of videos: None = one step per temporal patch (Qwen2-VL)
 
     @property
     def head_dim(self) -> int:
@@ -34,7 +40,15 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size if self.intermediate_size else int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_merged(self) -> int:  # window side in merged tokens (112 px -> 4); 0 = no windows
+        return self.window_size // (self.spatial_merge_size * self.patch_size) if self.window_size else 0
+
+    def full_attention_blocks(self) -> tuple[bool, ...]:
+        """Per block: attends over the whole image (True) or within its windows (False)."""
+        return tuple(not self.window_size or i in self.fullatt_block_indexes for i in range(self.depth))
 
     @property
     def patch_dim(self) -> int:  # 3 * 2 * 14 * 14 = 1176 columns per patch row
@@ -66,6 +80,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
+    """A model of one family (`model_type`: "qwen2_vl" or "qwen2_5_vl"); `qwen2vl_jax.families` says what differs."""
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     tie_word_embeddings: bool = False  # True for 2B: lm_head is the embedding matrix
@@ -77,6 +92,7 @@ class Qwen2VLConfig:
     vision_token_id: int = 151654
     image_token_id: int = 151655
     video_token_id: int = 151656
+    model_type: str = "qwen2_vl"       # the family (HF model_type)
 
     def __post_init__(self):
         validate(self)
@@ -85,6 +101,11 @@ class Qwen2VLConfig:
         return dataclasses.replace(self, **kw)
 
     # -- Hugging Face config.json ------------------------------------------------------------------
+
+    @property
+    def family(self):
+        from qwen2vl_jax import families
+        return families.get(self.model_type)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "Qwen2VLConfig":
@@ -97,7 +118,8 @@ class Qwen2VLConfig:
         try:
             d = json.loads(storage.read_text(file))
         except FileNotFoundError:
-            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL checkpoint directory") from None
+            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL or Qwen2.5-VL "
+                              "checkpoint directory") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return from_hf_dict(d, file)
@@ -111,8 +133,13 @@ class Qwen2VLConfig:
 
 
 def validate(c: Qwen2VLConfig) -> None:
+    from qwen2vl_jax import families
     v, t = c.vision, c.text
     problems = []
+    try:
+        fam = families.get(c.model_type)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
     if t.hidden_size % t.num_attention_heads:
         problems.append(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
     elif sum(t.mrope_section) * 2 != t.head_dim:
@@ -129,16 +156,27 @@ def validate(c: Qwen2VLConfig) -> None:
         problems.append(f"vision head_dim {v.head_dim} must be a multiple of 4 for the 2D RoPE (h and w halves)")
     if v.hidden_size != t.hidden_size:
         problems.append(f"vision hidden_size (merger output) {v.hidden_size} != text hidden_size {t.hidden_size}")
-    if v.hidden_act != "quick_gelu":
-        problems.append(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)")
+    if v.hidden_act != fam.vision_act:
+        problems.append(f"vision hidden_act {v.hidden_act!r} is not supported ({fam.name} uses {fam.vision_act})")
+    if v.norm not in ("layernorm", "rmsnorm"):
+        problems.append(f"vision norm {v.norm!r} must be 'layernorm' or 'rmsnorm'")
+    if v.mlp not in ("fc", "swiglu"):
+        problems.append(f"vision mlp {v.mlp!r} must be 'fc' or 'swiglu'")
+    unit = v.spatial_merge_size * v.patch_size
+    if v.window_size < 0 or v.window_size % unit:
+        problems.append(f"vision window_size {v.window_size} must be a non-negative multiple of "
+                        f"spatial_merge_size * patch_size = {unit} pixels")
+    bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
+    if bad:
+        problems.append(f"fullatt_block_indexes {bad} are not blocks of a {v.depth}-block ViT")
     if t.hidden_act != "silu":
-        problems.append(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2-VL uses silu)")
+        problems.append(f"text hidden_act {t.hidden_act!r} is not supported ({fam.name} uses silu)")
     # The pad id is embedded (left-padded prompts) and is transformers' `padding_idx`, which must be a row.
     for name in ("pad_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"):
         if not 0 <= getattr(c, name) < t.vocab_size:
             problems.append(f"{name} {getattr(c, name)} is outside the vocabulary (vocab_size {t.vocab_size})")
     if problems:
-        raise ConfigError("invalid Qwen2-VL config: " + "; ".join(problems))
+        raise ConfigError(f"invalid {fam.name} config: " + "; ".join(problems))
 
 
 # -- presets (docs/design.md, "Model sizes") -----------------------------------------------------------------
@@ -174,12 +212,42 @@ def small(vocab_size: int = 1000) -> Qwen2VLConfig:
                         max_position_embeddings=4096))
 
 
+def qwen2_5_vision(out: int, depth: int = 32, width: int = 1280, heads: int = 16, inter: int = 3420,
+                   window: int = 112, fullatt=(7, 15, 23, 31)) -> VisionConfig:
+    """A Qwen2.5-VL vision tower (the released ones: 32 blocks of width 1280, windows of 112 px)."""
+    return VisionConfig(depth=depth, embed_dim=width, num_heads=heads, hidden_size=out, hidden_act="silu",
+                        norm="rmsnorm", mlp="swiglu", intermediate_size=inter, window_size=window,
+                        fullatt_block_indexes=tuple(fullatt), tokens_per_second=2)
+
+
+def _preset_2_5(D, layers, heads, kv, inter, vocab, tied, vit_inter) -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        vision=qwen2_5_vision(D, inter=vit_inter),
+        text=TextConfig(vocab_size=vocab, hidden_size=D, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128000),
+        tie_word_embeddings=tied, model_type="qwen2_5_vl")
+
+
+def tiny_2_5(vocab_size: int = 1000) -> Qwen2VLConfig:
+    """The tiny Qwen2.5-VL of the parity tests and the demo: 4-block ViT with windows of 56 px (2x2 merged
+    tokens) and full attention in block 1, the `tiny` LLM and token ids."""
+    return dataclasses.replace(
+        tiny(vocab_size), model_type="qwen2_5_vl",
+        vision=qwen2_5_vision(64, depth=4, width=32, heads=4, inter=48, window=56, fullatt=(1,)))
+
+
 PRESETS = {
     "tiny": tiny,
     "small": small,
     "2b": lambda: _preset(1536, 28, 12, 2, 8960, 151936, True),
     "7b": lambda: _preset(3584, 28, 28, 4, 18944, 152064, False),
     "72b": lambda: _preset(8192, 80, 64, 8, 29568, 152064, False),
+    # Qwen2.5-VL (the released config.json files).
+    "qwen2_5_vl-tiny": tiny_2_5,
+    "qwen2_5_vl-3b": lambda: _preset_2_5(2048, 36, 16, 2, 11008, 151936, True, 3420),
+    "qwen2_5_vl-7b": lambda: _preset_2_5(3584, 28, 28, 4, 18944, 152064, False, 3420),
+    "qwen2_5_vl-32b": lambda: _preset_2_5(5120, 64, 40, 8, 27648, 152064, False, 3456),
+    "qwen2_5_vl-72b": lambda: _preset_2_5(8192, 80, 64, 8, 29568, 152064, False, 3456),
 }
 
 
@@ -194,19 +262,20 @@ def preset(name: str) -> Qwen2VLConfig:
 
 _TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act")
-_VISION_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "hidden_size", "in_channels", "patch_size",
-                "temporal_patch_size", "spatial_merge_size", "hidden_act")
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "vision_start_token_id", "vision_end_token_id",
                "vision_token_id", "image_token_id", "video_token_id")
 
 
 def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
-    """Read an HF Qwen2-VL config: the flat legacy form (text keys at the root, `rope_scaling`) or the
-    nested 5.x form (`text_config` with `rope_parameters`)."""
+    """Read an HF config of a supported family: the flat legacy form (text keys at the root, `rope_scaling`)
+    or the nested 5.x form (`text_config` with `rope_parameters`). The family (`model_type`) says what the
+    `vision_config` fields mean."""
+    from qwen2vl_jax import families
     model_type = d.get("model_type")
-    if model_type != "qwen2_vl":
-        raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'qwen2_vl' (Qwen2-VL). "
-                          "Qwen2.5-VL and other families are not supported by this loader.")
+    try:
+        fam = families.get(model_type)
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
     nested = d.get("text_config") or {}
     # Nested (5.x) values win over flat ones; flat-only files have no (or a default) text_config.
     text_src = {**d, **{k: v for k, v in nested.items() if k in _TEXT_KEYS or k in ("rope_parameters", "rope_scaling")}}
@@ -216,10 +285,7 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
         text_kw["rope_theta"] = rope["rope_theta"]
     # The reference hard-wires [16, 24, 24] when the section is missing.
     text_kw["mrope_section"] = tuple(rope.get("mrope_section", (16, 24, 24)))
-    vd = dict(d.get("vision_config") or {})
-    if "in_chans" in vd and "in_channels" not in vd:
-        vd["in_channels"] = vd["in_chans"]
-    vision_kw = {k: vd[k] for k in _VISION_KEYS if k in vd}
+    vision_kw = fam.vision_from_hf(dict(d.get("vision_config") or {}))
     tok_src = {**d, **{k: v for k, v in nested.items() if k in _TOKEN_KEYS}}
     tok_kw = {k: tok_src[k] for k in _TOKEN_KEYS if isinstance(tok_src.get(k), int)}
     if "pad_token_id" not in tok_kw:   # absent or null: transformers then pads generation with the EOS id
@@ -227,8 +293,8 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
     tie = d.get("tie_word_embeddings", nested.get("tie_word_embeddings", False))
     try:
         return Qwen2VLConfig(vision=VisionConfig(**vision_kw), text=TextConfig(**text_kw),
-                             tie_word_embeddings=bool(tie), **tok_kw)
-    except ConfigError as e:
+                             tie_word_embeddings=bool(tie), model_type=fam.model_type, **tok_kw)
+    except (ConfigError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
@@ -247,10 +313,10 @@ def default_pad_id(vocab_size: int, token_ids: dict[str, int]) -> int:
 
 def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:
     """The flat legacy form that the published checkpoints use and transformers 4.x and 5.x both read."""
-    t, v = c.text, c.vision
+    t, fam = c.text, c.family
     d: dict[str, Any] = {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         **{k: getattr(t, k) for k in _TEXT_KEYS},
         "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
         "tie_word_embeddings": c.tie_word_embeddings,
@@ -262,6 +328,6 @@ def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:
         "use_cache": True,
         "torch_dtype": "float32",
         **{k: getattr(c, k) for k in _TOKEN_KEYS},
-        "vision_config": {**{k: getattr(v, k) for k in _VISION_KEYS}, "model_type": "qwen2_vl"},
+        "vision_config": fam.vision_to_hf(c.vision),
     }
     return d

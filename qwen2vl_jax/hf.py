@@ -21,6 +21,7 @@ import numpy as np
 
 from qwen2vl_jax import storage
 from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.families import tables
 
 
 class CheckpointError(ValueError):
@@ -145,58 +146,15 @@ def write_safetensors(file: str, tensors: dict[str, np.ndarray]) -> None:
 
 # -- the name map -----------------------------------------------------------------------------------
 
-def _linear(t):           # torch (out, in) -> flax (in, out)
-    return t.T
+_linear, _same = tables.LINEAR, tables.SAME
 
 
-def _same(t):
-    return t
-
-
-# our path (within params) -> (hf name, per-layer count or None, to_ours, expected hf shape)
+# our path (within params) -> (hf name, per-layer count or None, to_ours, expected hf shape). The family's
+# tables say it (qwen2vl_jax.families); `to_ours.inverse` is the export's map back.
 def param_map(config: Qwen2VLConfig) -> dict[tuple[str, ...], tuple[str, int | None, Callable, tuple]]:
-    v, t = config.vision, config.text
-    E, D, kv = v.embed_dim, t.hidden_size, t.num_key_value_heads * t.head_dim
-    nq = t.num_attention_heads * t.head_dim
-    m: dict = {
-        ("visual", "patch_embed", "kernel"): (
-            "visual.patch_embed.proj.weight", None, lambda w: w.reshape(w.shape[0], -1).T,
-            (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
-        ("visual", "merger", "ln_q", "scale"): ("visual.merger.ln_q.weight", None, _same, (E,)),
-        ("visual", "merger", "ln_q", "bias"): ("visual.merger.ln_q.bias", None, _same, (E,)),
-        ("visual", "merger", "mlp_0", "kernel"): ("visual.merger.mlp.0.weight", None, _linear, (4 * E, 4 * E)),
-        ("visual", "merger", "mlp_0", "bias"): ("visual.merger.mlp.0.bias", None, _same, (4 * E,)),
-        ("visual", "merger", "mlp_2", "kernel"): ("visual.merger.mlp.2.weight", None, _linear, (D, 4 * E)),
-        ("visual", "merger", "mlp_2", "bias"): ("visual.merger.mlp.2.bias", None, _same, (D,)),
-        ("model", "embed_tokens", "embedding"): ("model.embed_tokens.weight", None, _same, (t.vocab_size, D)),
-        ("model", "norm", "scale"): ("model.norm.weight", None, _same, (D,)),
-    }
-    for ours, hf, shape in (
-        ("norm1/scale", "norm1.weight", (E,)), ("norm1/bias", "norm1.bias", (E,)),
-        ("norm2/scale", "norm2.weight", (E,)), ("norm2/bias", "norm2.bias", (E,)),
-        ("qkv/kernel", "attn.qkv.weight", (3 * E, E)), ("qkv/bias", "attn.qkv.bias", (3 * E,)),
-        ("proj/kernel", "attn.proj.weight", (E, E)), ("proj/bias", "attn.proj.bias", (E,)),
-        ("fc1/kernel", "mlp.fc1.weight", (v.mlp_dim, E)), ("fc1/bias", "mlp.fc1.bias", (v.mlp_dim,)),
-        ("fc2/kernel", "mlp.fc2.weight", (E, v.mlp_dim)), ("fc2/bias", "mlp.fc2.bias", (E,)),
-    ):
-        fn = _linear if ours.endswith("kernel") else _same
-        m[("visual", "blocks", *ours.split("/"))] = (f"visual.blocks.{{i}}.{hf}", v.depth, fn, shape)
-    for ours, hf, shape in (
-        ("input_layernorm/scale", "input_layernorm.weight", (D,)),
-        ("post_attention_layernorm/scale", "post_attention_layernorm.weight", (D,)),
-        ("q_proj/kernel", "self_attn.q_proj.weight", (nq, D)), ("q_proj/bias", "self_attn.q_proj.bias", (nq,)),
-        ("k_proj/kernel", "self_attn.k_proj.weight", (kv, D)), ("k_proj/bias", "self_attn.k_proj.bias", (kv,)),
-        ("v_proj/kernel", "self_attn.v_proj.weight", (kv, D)), ("v_proj/bias", "self_attn.v_proj.bias", (kv,)),
-        ("o_proj/kernel", "self_attn.o_proj.weight", (D, nq)),
-        ("gate_proj/kernel", "mlp.gate_proj.weight", (t.intermediate_size, D)),
-        ("up_proj/kernel", "mlp.up_proj.weight", (t.intermediate_size, D)),
-        ("down_proj/kernel", "mlp.down_proj.weight", (D, t.intermediate_size)),
-    ):
-        fn = _linear if ours.endswith("kernel") else _same
-        m[("model", "layers", *ours.split("/"))] = (f"model.layers.{{i}}.{hf}", t.num_hidden_layers, fn, shape)
-    if not config.tie_word_embeddings:
-        m[("lm_head", "kernel")] = ("lm_head.weight", None, _linear, (t.vocab_size, D))
-    return m
+    fam = config.family
+    rows = [*fam.vision_table(config.vision), *fam.text_table(config)]
+    return {ours: (hf, n, fn, tuple(shape)) for ours, hf, n, fn, shape in rows}
 
 
 def _canonical(name: str) -> str:
@@ -306,11 +264,10 @@ def _set(tree, path, value):
 def hf_tensors(params, config: Qwen2VLConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(hf name, torch-layout numpy array) pairs, one tensor at a time (on-disk legacy names)."""
     flat = _flatten(params)
-    for ours, (hf, n, _, shape) in param_map(config).items():
+    for ours, (hf, n, fn, shape) in param_map(config).items():
         arr = np.asarray(jax.device_get(flat[ours]))
         for i in range(n or 1):
-            a = arr[i] if n else arr
-            a = a.T.reshape(shape) if ours[-1] == "kernel" else a
+            a = fn.inverse(arr[i] if n else arr, shape)
             yield (hf.format(i=i) if n else hf), np.ascontiguousarray(a)
 
 

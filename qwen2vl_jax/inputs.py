@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from qwen2vl_jax.positions import (_as_grid, merged_token_count, rope_index, vision_patch_positions,
-                                   vision_patch_segments)
+                                   vision_patch_segments, vision_window_index, window_patch_order)
 
 
 class InputError(ValueError):
@@ -30,9 +30,11 @@ def _split_rows(pixels, grids, what):
 
 
 def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None, patch_len: int | None = None):
+                  pixel_values_videos=None, video_grid_thw=None, patch_len: int | None = None,
+                  second_per_grid_ts=None):
     """Returns (batch dict of numpy arrays, rope_deltas (B,)). `patch_len` pads the vision rows to a fixed
-    budget (default: the longest row, rounded up to a multiple of 4)."""
+    budget (default: the longest row, rounded up to a multiple of 4). `second_per_grid_ts`: seconds per
+    temporal patch of each video (families with absolute time)."""
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -45,7 +47,7 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
     img_rows = _split_rows(pixel_values, img_grids, "image")
     vid_rows = _split_rows(pixel_values_videos, vid_grids, "video")
 
-    positions, deltas = rope_index(config, ids, img_grids, vid_grids, mask)
+    positions, deltas = rope_index(config, ids, img_grids, vid_grids, mask, second_per_grid_ts)
     batch = {"input_ids": ids.astype(np.int32), "positions": positions, "segment_ids": mask.copy()}
     if not len(img_grids) and not len(vid_grids):
         return batch, deltas
@@ -68,11 +70,13 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
                          f"token), but {len(img_grids)} image and {len(vid_grids)} video grids were given")
 
     need = max(sum(int(g.prod()) for _, g in items) for items in row_items)
-    p = patch_len or max(4, -(-need // 4) * 4)
+    mu = config.vision.merge_unit
+    p = patch_len or max(mu, -(-need // mu) * mu)
     if need > p:
         raise InputError(f"a row needs {need} patches but patch_len is {p}")
     patches = np.zeros((b, p, config.vision.patch_dim), np.float32)
     seg = np.zeros((b, p), np.int32)
+    win = np.zeros((b, p), np.int32) if config.vision.window_size else None
     ppos = np.zeros((b, p, 2), np.int32)
     vindex = np.full((b, l), -1, np.int32)
     for r, items in enumerate(row_items):
@@ -88,7 +92,15 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
             raise InputError(f"row {r}: {n_tokens} image/video pad tokens but its {len(items)} images/videos "
                              f"give {n_merged} merged tokens; each span must hold t*h*w/4 pad tokens")
         vindex[r, is_pad] = np.arange(n_tokens)
+        if win is not None:   # windows made contiguous; the text reads each merged token where it now is
+            order, sizes = vision_window_index(grids, m, config.vision.window_merged)
+            perm = window_patch_order(order, m)
+            patches[r, :n], ppos[r, :n], seg[r, :n] = patches[r, perm], ppos[r, perm], seg[r, perm]
+            win[r, :n] = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+            vindex[r, is_pad] = np.argsort(order)
     batch.update(patches=patches, patch_segment_ids=seg, patch_positions=ppos, vision_index=vindex)
+    if win is not None:
+        batch["patch_window_ids"] = win
     return batch, deltas
 
 

@@ -3,6 +3,7 @@
 - `rope_index`: the LLM's 3-stream M-RoPE position ids, original Qwen convention (docs/design.md, "Position ids").
 - `vision_patch_positions`: the ViT's 2D (h, w) rotary positions per patch row.
 - `vision_patch_segments`: one attention segment per image and per temporal slice.
+- `vision_window_index`: the window order of a windowed ViT (Qwen2.5-VL) and its window segments.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ def _as_grid(grid) -> np.ndarray:
     return np.asarray(grid, np.int64).reshape(-1, 3)
 
 
-def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
+               second_per_grid_ts=None):
     """M-RoPE position ids `(3, B, L)` and `rope_deltas` `(B,)`, as transformers 4.57 `get_rope_index`.
 
     Tokens with `attention_mask == 0` (left or right padding) get position 1, as in the reference; they are
     masked out of attention. Grids are consumed in order of appearance across the whole batch (row-major).
     `rope_deltas[b] = max(positions[:, b]) + 1 - L`, so decode step k of row b uses `L + k + rope_deltas[b]`.
+
+    A family with absolute time (`vision.tokens_per_second` set: Qwen2.5-VL) places temporal patch k of a
+    video at `k * second_per_grid_t * tokens_per_second` (`second_per_grid_ts`: one entry per video, default
+    1.0) and every image patch at time 0. As transformers 4.57, `second_per_grid_t` is truncated to an integer
+    before the product (0.5 s, i.e. 4 fps with 2-frame patches, gives time 0 throughout).
     """
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
@@ -36,6 +43,10 @@ def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, atte
         return np.broadcast_to(pos, (3, B, L)).astype(np.int32).copy(), deltas.astype(np.int32)
 
     m = config.vision.spatial_merge_size
+    tps = config.vision.tokens_per_second
+    seconds = None if second_per_grid_ts is None else np.asarray(second_per_grid_ts, np.float64).reshape(-1)
+    if seconds is not None and len(seconds) != len(videos):
+        raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {len(videos)} videos")
     positions = np.ones((3, B, L), np.int64)
     deltas = np.zeros(B, np.int64)
     image_i = video_i = 0
@@ -55,21 +66,23 @@ def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, atte
                     raise ValueError(f"row {b}: more image spans in input_ids than rows in image_grid_thw "
                                      f"({len(images)})")
                 t, h, w = images[image_i]
+                step = 1 if tps is None else 0
                 image_i, img_left, ed = image_i + 1, img_left - 1, ed_img
             else:
                 if video_i >= len(videos):
                     raise ValueError(f"row {b}: more video spans in input_ids than rows in video_grid_thw "
                                      f"({len(videos)})")
                 t, h, w = videos[video_i]
+                step = 1 if tps is None else int(seconds[video_i] if seconds is not None else 1.0) * tps
                 video_i, vid_left, ed = video_i + 1, vid_left - 1, ed_vid
             gt, gh, gw = int(t), int(h) // m, int(w) // m
             text_len = ed - st
             chunks.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
             base = next_pos + text_len
             tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
-            chunks.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + base)
-            # Text after a vision span continues at max + 1 = base + max(T, Hm, Wm) (the 4.57 convention).
-            next_pos = base + max(gt, gh, gw)
+            chunks.append(np.stack([tt.ravel() * step, hh.ravel(), ww.ravel()]) + base)
+            # Text after a vision span continues at its max + 1 (the 4.57 convention).
+            next_pos = base + max((gt - 1) * step, gh - 1, gw - 1) + 1
             st = ed + gt * gh * gw
         if st < len(tokens):
             chunks.append(np.broadcast_to(np.arange(len(tokens) - st) + next_pos, (3, len(tokens) - st)))
@@ -110,3 +123,37 @@ def merged_token_count(grid_thw, merge_size: int = 2) -> np.ndarray:
     """Merged (LLM) tokens per image/video: t * h * w / merge_size**2."""
     g = _as_grid(grid_thw)
     return (g[:, 0] * g[:, 1] * g[:, 2]) // (merge_size ** 2)
+
+
+def vision_window_index(grid_thw, merge_size: int, window_merged: int):
+    """The window order of a windowed ViT, as the reference's `get_window_index`.
+
+    Each temporal slice of each image is cut into windows of `window_merged` x `window_merged` merged tokens,
+    row-major, those at the bottom and right edges partial. Returns `(index, sizes)`: `index` (n_merged,)
+    int64 lists the merged tokens (in the usual merge-window order, images one after another) window by
+    window, so `x[index]` puts each window's tokens next to each other; `sizes` holds the patches of each
+    window (a multiple of merge_size**2). `argsort(index)` restores the original order.
+    """
+    out, sizes, offset = [], [], 0
+    ws = window_merged
+    for t, h, w in _as_grid(grid_thw):
+        gh, gw = int(h) // merge_size, int(w) // merge_size
+        idx = np.arange(int(t) * gh * gw).reshape(int(t), gh, gw)
+        nh, nw = -(-gh // ws), -(-gw // ws)
+        padded = np.full((int(t), nh * ws, nw * ws), -1, np.int64)
+        padded[:, :gh, :gw] = idx
+        win = padded.reshape(int(t), nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(-1, ws * ws)
+        for row in win:
+            kept = row[row >= 0]
+            if len(kept):
+                out.append(kept + offset)
+                sizes.append(len(kept) * merge_size ** 2)
+        offset += int(t) * gh * gw
+    index = np.concatenate(out) if out else np.zeros(0, np.int64)
+    return index, np.asarray(sizes, np.int64)
+
+
+def window_patch_order(merged_index: np.ndarray, merge_size: int) -> np.ndarray:
+    """Patch-row order of a merged-token order: the merge_size**2 rows of each merged token stay together."""
+    mu = merge_size ** 2
+    return (np.asarray(merged_index, np.int64)[:, None] * mu + np.arange(mu)).reshape(-1)

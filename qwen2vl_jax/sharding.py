@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen2vl_jax import schema
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or axes, or None = replicated)
@@ -78,19 +80,8 @@ def tree_shardings(logical_specs, mesh: Mesh, rules=RULES):
 
 # -- batches ----------------------------------------------------------------------------------------
 
-# Logical axes of each field of the packed batch format (docs/design.md); rows split over the "batch" rule.
-BATCH_AXES: dict[str, tuple] = {
-    "input_ids": ("batch", "length"),
-    "segment_ids": ("batch", "length"),
-    "labels": ("batch", "length"),
-    "loss_mask": ("batch", "length"),
-    "vision_index": ("batch", "length"),
-    "example_index": ("batch", "length"),
-    "positions": (None, "batch", "length"),
-    "patches": ("batch", "patches", None),
-    "patch_segment_ids": ("batch", "patches"),
-    "patch_positions": ("batch", "patches", None),
-}
+# Logical axes of each field of the packed batch format; rows split over the "batch" rule.
+BATCH_AXES: dict[str, tuple] = schema.BATCH_AXES
 
 
 def batch_sharding(mesh: Mesh, key: str, stacked: bool = False, rules=RULES) -> NamedSharding:

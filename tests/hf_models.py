@@ -24,16 +24,33 @@ def tied_config() -> qconfig.Qwen2VLConfig:
 CONFIGS = {"tiny": qconfig.tiny, "tied": tied_config}
 
 
-def build_hf(cfg: qconfig.Qwen2VLConfig, seed: int = 0):
-    """A random transformers Qwen2VLForConditionalGeneration (eager attention, f32) for `cfg`.
+def qwen2_5_config(window: int = 56, fullatt=(1,), tied: bool = False, depth: int = 4) -> qconfig.Qwen2VLConfig:
+    """Tiny Qwen2.5-VL shapes: windows of `window` px (56 = 2x2 merged tokens, 84 = 3x3), full attention in
+    `fullatt`."""
+    c = qconfig.tiny_2_5()
+    v = qconfig.qwen2_5_vision(64, depth=depth, width=32, heads=4, inter=48, window=window, fullatt=fullatt)
+    return c.replace(vision=v, tie_word_embeddings=tied)
+
+
+CONFIGS_2_5 = {
+    "w56_mid": lambda: qwen2_5_config(56, (1,)),
+    "w84_first_tied": lambda: qwen2_5_config(84, (0,), tied=True),
+    "w112_last": lambda: qwen2_5_config(112, (3,)),
+}
+
+
+def build_hf(cfg: qconfig.Qwen2VLConfig, seed: int = 0, attn: str = "eager"):
+    """A random transformers model of `cfg`'s family (Qwen2VL- or Qwen2_5_VLForConditionalGeneration; eager
+    attention, f32).
 
     Norm weights and biases are perturbed away from their 1/0 init so a swapped or missing one shows.
     """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    hfc = Qwen2VLConfig(**cfg.to_hf_dict())
-    hfc._attn_implementation = "eager"
+    import transformers
+    arch = cfg.family.architecture
+    hfc = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(**cfg.to_hf_dict())
+    hfc._attn_implementation = attn
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(hfc).eval()
+    model = getattr(transformers, arch)(hfc).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_q" in name or name.endswith("bias"):
@@ -95,3 +112,30 @@ def to_torch(inputs: dict) -> dict:
             continue
         out[k] = torch.tensor(v) if v.dtype != np.float32 else torch.from_numpy(v)
     return out
+
+
+def cases_2_5(cfg):
+    """The Qwen2.5-VL cases: the shared ones, grids whose windows are cut at the right and bottom edges,
+    videos at 1 fps (second_per_grid_t 2.0) and at 4 fps (0.5), mixed image + video, a left-padded batch."""
+    out = cases(cfg)
+    out["video_and_image"]["second_per_grid_ts"] = np.asarray([2.0])
+    g1, g2 = (1, 10, 6), (1, 6, 14)
+    out["edge_windows"] = dict(input_ids=[text(3) + vision_ids(cfg, g1) + text(2, 30) + vision_ids(cfg, g2) + text(3)],
+                               pixel_values=pixels([g1, g2], 7), image_grid_thw=[g1, g2])
+    gv1, gv2 = (3, 6, 10), (2, 4, 4)
+    out["two_videos_fps"] = dict(
+        input_ids=[text(2) + vision_ids(cfg, gv1, video=True) + text(2, 40) + vision_ids(cfg, gv2, video=True) + text(2)],
+        pixel_values_videos=pixels([gv1, gv2], 8), video_grid_thw=[gv1, gv2], second_per_grid_ts=np.asarray([3.0, 0.5]))
+    gi, gv = (1, 6, 6), (2, 6, 8)
+    row_a = text(3) + vision_ids(cfg, gi) + text(3, 70)
+    row_b = text(2) + vision_ids(cfg, gv, video=True) + text(4, 80)
+    L = max(len(row_a), len(row_b))
+    ids = np.zeros((2, L), np.int64)
+    mask = np.zeros((2, L), np.int64)
+    for r, row in enumerate((row_a, row_b)):
+        ids[r, L - len(row):] = row
+        mask[r, L - len(row):] = 1
+    out["left_padded_mixed"] = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels([gi], 9),
+                                    image_grid_thw=[gi], pixel_values_videos=pixels([gv], 10), video_grid_thw=[gv],
+                                    second_per_grid_ts=np.asarray([1.0]))
+    return {k: {n: (np.asarray(v) if v is not None else None) for n, v in d.items()} for k, d in out.items()}

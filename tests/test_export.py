@@ -72,8 +72,9 @@ def _greedy_both(path, auto_processor, max_new_tokens=8):
     our_in = ours(text=texts, images=[image])
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         np.testing.assert_array_equal(hf_in[key].numpy(), our_in[key], err_msg=key)
-    hf_model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager").eval()
+    with open(os.path.join(path, "config.json")) as f:
+        hf_class = getattr(transformers, json.load(f)["architectures"][0])
+    hf_model = hf_class.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         hf_out = hf_model.generate(**hf_in, max_new_tokens=max_new_tokens, do_sample=False).numpy()
     model = qv.load_pretrained(path)
@@ -92,6 +93,23 @@ def test_save_pretrained_writes_a_checkpoint_transformers_loads(tmp_path, auto_p
     out, hf_out, proc = _greedy_both(path, auto_processor)
     np.testing.assert_array_equal(out, hf_out)
     assert proc.pad_token_id == model.config.pad_token_id and proc.eos_token_id == model.config.eos_token_id
+
+
+def test_qwen2_5_vl_save_pretrained_loads_in_transformers(tmp_path, auto_processor):
+    """A Qwen2.5-VL export: `Qwen2_5_VLForConditionalGeneration` and `AutoProcessor` (a `Qwen2_5_VLProcessor`)
+    load it, and greedy decoding of an image prompt and a text prompt agrees with ours token for token."""
+    config = qconfig.tiny_2_5()
+    model = qv.Qwen2VL(config, random_params(Qwen2VLModule(config), seed=4))
+    path = str(tmp_path / "export25")
+    model.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    assert d["architectures"] == ["Qwen2_5_VLForConditionalGeneration"] and d["model_type"] == "qwen2_5_vl"
+    assert type(auto_processor(path)).__name__ == "Qwen2_5_VLProcessor"
+    assert qv.load_pretrained(path).config == config
+    out, hf_out, proc = _greedy_both(path, auto_processor)
+    np.testing.assert_array_equal(out, hf_out)
+    assert proc.absolute_time and proc.processor_class == "Qwen2_5_VLProcessor"
 
 
 def test_training_export_is_complete(tmp_path, auto_processor):

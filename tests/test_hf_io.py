@@ -105,9 +105,21 @@ def test_misshaped_tensor_is_named(hf_checkpoints, tmp_path):
 def test_unknown_model_type(hf_checkpoints, tmp_path):
     _, _, path = hf_checkpoints["tiny"]
     d = _copy_ckpt(path, tmp_path)
+    d["model_type"] = "qwen3_vl"
+    _write_config(tmp_path, d)
+    with pytest.raises(qv.ConfigError, match=r"model_type 'qwen3_vl' is not supported; supported: "
+                                             r"'qwen2_5_vl' \(Qwen2.5-VL\), 'qwen2_vl' \(Qwen2-VL\)"):
+        qv.load_pretrained(str(tmp_path))
+
+
+def test_family_fields_checked(hf_checkpoints, tmp_path):
+    """A Qwen2-VL vision_config under model_type qwen2_5_vl is read with Qwen2.5-VL field meanings and refused."""
+    _, _, path = hf_checkpoints["tiny"]
+    d = _copy_ckpt(path, tmp_path)
     d["model_type"] = "qwen2_5_vl"
     _write_config(tmp_path, d)
-    with pytest.raises(qv.ConfigError, match=r"model_type is 'qwen2_5_vl', expected 'qwen2_vl'"):
+    with pytest.raises(qv.ConfigError, match=r"invalid Qwen2.5-VL config: vision hidden_size \(merger output\) "
+                                             r"3584 != text hidden_size 64"):
         qv.load_pretrained(str(tmp_path))
 
 

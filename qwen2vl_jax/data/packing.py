@@ -23,13 +23,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qwen2vl_jax import schema
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.positions import rope_index, vision_patch_positions
+from qwen2vl_jax.positions import rope_index, vision_patch_positions, vision_window_index, window_patch_order
 
 Bucket = tuple[int, int]   # (L text tokens, P vision patches) per row
 
-PACKED_KEYS = ("input_ids", "positions", "segment_ids", "labels", "loss_mask", "patches", "patch_segment_ids",
-               "patch_positions", "vision_index", "example_index")
+PACKED_KEYS = tuple(f.name for f in schema.FIELDS)   # patch_window_ids only for windowed families
 
 
 class PackingError(ValueError):
@@ -87,11 +87,13 @@ class PreparedExample:
     labels: np.ndarray           # (n,) int32: next-token targets, shifted inside the example; 0 where masked
     loss_mask: np.ndarray        # (n,) float32
     vision_index: np.ndarray     # (n,) int32: merged-token index within the example, -1 on text
-    patches: np.ndarray          # (N, 1176) float32: all images and videos, in text order
+    patches: np.ndarray          # (N, patch_dim) float32: all images and videos, in text order (window order
+                                 # inside each image when the ViT has windows)
     patch_positions: np.ndarray  # (N, 2) int32: (h, w) 2D RoPE positions
     segment_sizes: np.ndarray    # (S,) int32: patches per ViT attention segment (image / video temporal slice)
     merge_unit: int = 4          # patch rows per merged token
     source: str = ""             # where it came from ("data.jsonl:17"), for error messages
+    window_sizes: np.ndarray | None = None   # (W,) int32: patches per window; None when the ViT has no windows
 
     @property
     def n_text(self) -> int:
@@ -230,8 +232,23 @@ def prepare_example(example: Mapping[str, Any], config: Qwen2VLConfig | None = N
     grid = np.asarray(grid_rows, np.int64).reshape(-1, 3)
     seg_sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).astype(np.int32)
 
+    patch_positions = vision_patch_positions(grid, config.vision.spatial_merge_size)
+    window_sizes = None
+    if config.vision.window_size:   # each window's patches made contiguous; the text reads them where they are
+        order, window_sizes = vision_window_index(grid, config.vision.spatial_merge_size, config.vision.window_merged)
+        perm = window_patch_order(order, config.vision.spatial_merge_size)
+        patches, patch_positions = patches[perm], patch_positions[perm]
+        if len(order):
+            vision_index = np.where(vision_index >= 0, np.argsort(order)[np.maximum(vision_index, 0)], -1)
+            vision_index = vision_index.astype(np.int32)
+        window_sizes = window_sizes.astype(np.int32)
+
     # M-RoPE of the example alone, so positions restart at 0 in every packed segment.
-    positions, _ = rope_index(config, ids[None], grids["image"], grids["video"])
+    seconds = _array(example, "second_per_grid_ts", np.float64)
+    if seconds is not None and grids["video"] is not None:
+        seconds = seconds.reshape(-1)[:len(grids["video"])]
+    positions, _ = rope_index(config, ids[None], grids["image"], grids["video"],
+                              second_per_grid_ts=seconds if grids["video"] is not None else None)
 
     # Next-token targets inside the example: position t predicts token t+1; the last token has no target.
     if labels is None:
@@ -242,26 +259,16 @@ def prepare_example(example: Mapping[str, Any], config: Qwen2VLConfig | None = N
     return PreparedExample(
         input_ids=ids, positions=positions[:, 0], labels=np.where(loss_mask, shifted, 0).astype(np.int32),
         loss_mask=loss_mask.astype(np.float32), vision_index=vision_index, patches=patches,
-        patch_positions=vision_patch_positions(grid, config.vision.spatial_merge_size),
-        segment_sizes=seg_sizes, merge_unit=mu, source=source)
+        patch_positions=patch_positions, segment_sizes=seg_sizes, merge_unit=mu, source=source,
+        window_sizes=window_sizes)
 
 
 # -- rows -------------------------------------------------------------------------------------------
 
-def empty_rows(batch_size: int, text_len: int, patch_len: int, pad_id: int = 0, patch_dim: int = 1176) -> dict:
-    """An all-padding batch in the packed format."""
-    return {
-        "input_ids": np.full((batch_size, text_len), pad_id, np.int32),
-        "positions": np.zeros((3, batch_size, text_len), np.int32),
-        "segment_ids": np.zeros((batch_size, text_len), np.int32),
-        "labels": np.zeros((batch_size, text_len), np.int32),
-        "loss_mask": np.zeros((batch_size, text_len), np.float32),
-        "patches": np.zeros((batch_size, patch_len, patch_dim), np.float32),
-        "patch_segment_ids": np.zeros((batch_size, patch_len), np.int32),
-        "patch_positions": np.zeros((batch_size, patch_len, 2), np.int32),
-        "vision_index": np.full((batch_size, text_len), -1, np.int32),
-        "example_index": np.full((batch_size, text_len), -1, np.int32),
-    }
+def empty_rows(batch_size: int, text_len: int, patch_len: int, pad_id: int = 0, patch_dim: int = 1176,
+               windows: bool = False) -> dict:
+    """An all-padding batch in the packed format (`windows`: with `patch_window_ids`)."""
+    return schema.empty(batch_size, text_len, patch_len, patch_dim, pad_id=pad_id, windows=windows)
 
 
 def write_rows(rows: Sequence[Sequence[PreparedExample]], text_len: int, patch_len: int, *, pad_id: int = 0,
@@ -275,11 +282,12 @@ def write_rows(rows: Sequence[Sequence[PreparedExample]], text_len: int, patch_l
     if len(rows) > batch_size:
         raise PackingError(f"{len(rows)} rows do not fit a batch of {batch_size}")
     patch_dim = next((ex.patches.shape[1] for row in rows for ex in row if ex.n_patches), 1176)
-    out = empty_rows(batch_size, text_len, patch_len, pad_id, patch_dim)
+    windows = any(ex.window_sizes is not None for row in rows for ex in row)
+    out = empty_rows(batch_size, text_len, patch_len, pad_id, patch_dim, windows)
     k = 0
     for b, row in enumerate(rows):
         t = p = 0
-        patch_seg = 1
+        patch_seg = window = 1
         for j, ex in enumerate(row):
             n, N = ex.n_text, ex.n_patches
             if t + n > text_len or p + N > patch_len:
@@ -300,6 +308,10 @@ def write_rows(rows: Sequence[Sequence[PreparedExample]], text_len: int, patch_l
                 out["patch_segment_ids"][b, psl] = np.repeat(
                     np.arange(patch_seg, patch_seg + len(ex.segment_sizes), dtype=np.int32), ex.segment_sizes)
                 patch_seg += len(ex.segment_sizes)
+                if ex.window_sizes is not None:
+                    out["patch_window_ids"][b, psl] = np.repeat(
+                        np.arange(window, window + len(ex.window_sizes), dtype=np.int32), ex.window_sizes)
+                    window += len(ex.window_sizes)
             t, p, k = t + n, p + N, k + 1
     return out
 

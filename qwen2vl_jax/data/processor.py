@@ -167,6 +167,9 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+ABSOLUTE_TIME_PROCESSOR = "Qwen2_5_VLProcessor"
+
+
 # -- the processor ---------------------------------------------------------------------------------------------
 
 class Processor:
@@ -182,7 +185,7 @@ class Processor:
                  video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, video_sample_fps: float = FPS,
                  padding_side: str = "left",
                  add_vision_id: bool = False, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
-                 temporal_patch_size: int = TEMPORAL_PATCH_SIZE):
+                 temporal_patch_size: int = TEMPORAL_PATCH_SIZE, absolute_time: bool = False):
         if tokenizer.truncation or tokenizer.padding:  # the reference never truncates or pads inside a text
             tokenizer = Tokenizer.from_str(tokenizer.to_str())
             tokenizer.no_truncation()
@@ -213,6 +216,8 @@ class Processor:
         self.padding_side = padding_side
         self.add_vision_id = add_vision_id
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+        # Qwen2.5-VL's processor: videos also report `second_per_grid_ts` (temporal_patch_size / sampling fps).
+        self.absolute_time = absolute_time
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -227,7 +232,8 @@ class Processor:
         one is built at the config's ids (the way to get a processor for `config.tiny()`)."""
         v = config.vision
         kwargs = dict(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                      temporal_patch_size=v.temporal_patch_size, **kwargs)
+                      temporal_patch_size=v.temporal_patch_size,
+                      absolute_time=v.tokens_per_second is not None, **kwargs)
         if tokenizer is None:
             proc = cls._from_json(byte_tokenizer_json(config), **kwargs)
         else:
@@ -276,6 +282,7 @@ class Processor:
             if key in image:
                 settings[key] = int(image[key])
         settings["chat_template"] = _read_chat_template(path)
+        settings["absolute_time"] = image.get("processor_class") == ABSOLUTE_TIME_PROCESSOR
         settings.update(kwargs)
         return cls._from_json(storage.read_text(file), **settings)
 
@@ -304,13 +311,13 @@ class Processor:
             "additional_special_tokens": specials,
             "bos_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
             "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768,
-            "pad_token": "<|endoftext|>", "padding_side": self.padding_side, "processor_class": "Qwen2VLProcessor",
+            "pad_token": "<|endoftext|>", "padding_side": self.padding_side, "processor_class": self.processor_class,
             "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
         }
         image = {
             "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
             "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": self.processor_class,
             "min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels,
             "size": {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels},
             "patch_size": self.patch_size, "merge_size": self.merge_size,
@@ -389,7 +396,10 @@ class Processor:
             out["pixel_values_videos"], out["video_grid_thw"] = self._concat(
                 [preprocess_video(v, **self._video_kwargs(v, videos_kwargs or {}), **self._patching())
                  for v in videos])
+            fps = (videos_kwargs or {}).get("fps") or self.video_sample_fps
             video_grids = out["video_grid_thw"]
+            if self.absolute_time:
+                out["second_per_grid_ts"] = np.broadcast_to(self._seconds(fps), (len(videos),)).copy()
         rows = [np.asarray(e.ids, np.int32) for e in self.tokenizer.encode_batch(texts)]
         image_tokens, video_tokens = self._vision_tokens(image_grids), self._vision_tokens(video_grids)
         reps = self._expand(np.concatenate(rows) if rows else np.zeros(0, np.int32), image_tokens, video_tokens)
@@ -400,12 +410,25 @@ class Processor:
 
     def _video_kwargs(self, video, given: dict) -> dict:
         """`preprocess_video` settings: the processor's budgets and frame rate under `given`. The rate samples
-        files only (frames given as a list or an array are used as given unless they ask for sampling)."""
+        files only: frames given as a list or an array are used as given unless they ask for sampling (their
+        source rate in `video_fps`); a bare `fps` for them is their rate, read for `second_per_grid_ts`."""
         kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
               "total_pixels": self.video_total_pixels, **given}
-        if "fps" not in kw and "nframes" not in kw and not isinstance(video, (list, tuple, np.ndarray)):
+        given_frames = isinstance(video, (list, tuple, np.ndarray))
+        if given_frames and "video_fps" not in kw:
+            kw.pop("fps", None)   # for given frames `fps` is their rate (as transformers' processors read it)
+        elif "fps" not in kw and "nframes" not in kw and not given_frames:
             kw["fps"] = self.video_sample_fps
         return kw
+
+    @property
+    def processor_class(self) -> str:
+        """The transformers processor class these settings are (written to the checkpoint's files)."""
+        return ABSOLUTE_TIME_PROCESSOR if self.absolute_time else "Qwen2VLProcessor"
+
+    def _seconds(self, fps) -> np.ndarray:
+        """`second_per_grid_ts` of videos sampled at `fps` (one value or one per video), as Qwen2.5-VL's processor."""
+        return self.temporal_patch_size / np.asarray(fps, np.float64).reshape(-1)
 
     def _patching(self) -> dict:
         return dict(patch_size=self.patch_size, merge_size=self.merge_size,
@@ -462,9 +485,14 @@ class Processor:
             labels[inside] = ids[inside]
         # Vision placeholders stand for features, not tokens to predict.
         labels[(ids == self.image_token_id) | (ids == self.video_token_id)] = IGNORE_INDEX
-        return {"input_ids": np.repeat(ids, reps), "labels": np.repeat(labels, reps),
-                "pixel_values": pixels, "image_grid_thw": image_grids,
-                "pixel_values_videos": pixels_videos, "video_grid_thw": video_grids}
+        out = {"input_ids": np.repeat(ids, reps), "labels": np.repeat(labels, reps),
+               "pixel_values": pixels, "image_grid_thw": image_grids,
+               "pixel_values_videos": pixels_videos, "video_grid_thw": video_grids}
+        if self.absolute_time:   # each video item's sampling fps (qwen-vl-utils' default 2)
+            items = [it for m in canonical for it in m["content"] if it["type"] == "video"]
+            out["second_per_grid_ts"] = self._seconds([float(it.get("fps") or 2.0) for it in items]) \
+                if items else np.zeros(0, np.float64)
+        return out
 
     def encode_record(self, record: Record, require_assistant: bool = True) -> dict:
         """`encode_example` for a record from `read_jsonl`; errors name its file and line."""

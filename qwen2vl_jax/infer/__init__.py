@@ -28,16 +28,17 @@ def generator_for(model) -> Generator:
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, max_new_tokens: int = 32, do_sample: bool = False,
-             eos_token_id=None, seed=0, return_logits: bool = False, **sampling) -> Output:
+             eos_token_id=None, seed=0, return_logits: bool = False, second_per_grid_ts=None, **sampling) -> Output:
     """HF-style generation with a `Qwen2VL`. `eos_token_id=None` uses the model config's EOS; `sampling`
-    takes temperature, top_k, top_p, repetition_penalty, pad_token_id (GenerationConfig)."""
+    takes temperature, top_k, top_p, repetition_penalty, pad_token_id (GenerationConfig).
+    `second_per_grid_ts`: seconds per temporal patch of each video (Qwen2.5-VL's absolute time)."""
     c = model.config
     sampling.setdefault("pad_token_id", c.pad_token_id)
     cfg = GenerationConfig.create(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id, **sampling)
     gen = generator_for(model)
     prompt = gen.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                         video_grid_thw)
+                         video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     return gen.generate(model.params, prompt, cfg, seed=seed, return_logits=return_logits)
 
 

@@ -126,6 +126,9 @@ def collate(encoded: Sequence[dict], pad_id: int) -> dict:
         if grids:
             batch[pixels] = np.concatenate([e[pixels] for e in encoded if len(e.get(grid, ()))])
             batch[grid] = np.concatenate(grids)
+    seconds = [e["second_per_grid_ts"] for e in encoded if len(e.get("second_per_grid_ts", ()))]
+    if seconds:   # Qwen2.5-VL: one entry per video, in the videos' order
+        batch["second_per_grid_ts"] = np.concatenate(seconds)
     return batch
 
 

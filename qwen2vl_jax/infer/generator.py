@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from qwen2vl_jax import schema
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.infer import cache as kv
 from qwen2vl_jax.infer.config import GenerationConfig
@@ -77,8 +78,9 @@ class Generator:
     # -- host: prompts -> device layout ------------------------------------------------------------
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, min_rows: int = 0) -> Prompt:
-        """`min_rows`: pad the batch with empty rows up to this many (a fixed batch size compiles once)."""
+                pixel_values_videos=None, video_grid_thw=None, min_rows: int = 0, second_per_grid_ts=None) -> Prompt:
+        """`min_rows`: pad the batch with empty rows up to this many (a fixed batch size compiles once).
+        `second_per_grid_ts`: seconds per temporal patch of each video (families with absolute time)."""
         c = self.config
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
@@ -96,7 +98,8 @@ class Generator:
         pids = np.full((rows, length), c.pad_token_id, np.int64)
         pmask = np.zeros((rows, length), np.int32)
         pids[:b, length - l:], pmask[:b, length - l:] = ids, mask
-        batch, _ = batch_from_hf(c, pids, pmask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        batch, _ = batch_from_hf(c, pids, pmask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                 second_per_grid_ts=second_per_grid_ts)
         if "patches" in batch:
             batch = _pad_patches(batch, kv.bucket(batch["patches"].shape[1], self.min_bucket))
         pos = np.where(pmask[None] == 1, batch["positions"], -1)
@@ -174,7 +177,5 @@ def _pad_patches(batch: dict, p: int) -> dict:
     extra = p - batch["patches"].shape[1]
     if extra <= 0:
         return batch
-    widths = {"patches": ((0, 0), (0, extra), (0, 0)), "patch_segment_ids": ((0, 0), (0, extra)),
-              "patch_positions": ((0, 0), (0, extra), (0, 0))}
-    return {k: np.pad(v, widths[k]) if k in widths else v for k, v in batch.items()}
+    return {k: schema.pad_to(v, k, 0, p) if schema.BY_NAME[k].length == "patch" else v for k, v in batch.items()}
 

@@ -33,9 +33,9 @@ class Qwen2VLModule(nn.Module):
             self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head",
                                  dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def encode_vision(self, patches, patch_segment_ids, patch_positions):
-        """(B, P, 1176) -> merged vision tokens (B, P/4, D)."""
-        return self.visual(patches, patch_segment_ids, patch_positions)
+    def encode_vision(self, patches, patch_segment_ids, patch_positions, patch_window_ids=None):
+        """(B, P, patch_dim) -> merged vision tokens (B, P/merge_unit, D)."""
+        return self.visual(patches, patch_segment_ids, patch_positions, patch_window_ids)
 
     def embed(self, input_ids, vision_tokens=None, vision_index=None):
         """Token embeddings with merged vision tokens written where `vision_index >= 0` (the reference's order)."""
@@ -55,7 +55,8 @@ class Qwen2VLModule(nn.Module):
         """Final hidden states (B, L, D) of a packed batch (and the updated cache when one is given)."""
         vision = None
         if batch.get("patches") is not None:
-            vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"])
+            vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"],
+                                        batch.get("patch_window_ids"))
         x = self.embed(batch["input_ids"], vision, batch.get("vision_index"))
         # Padding slots (segment 0) enter as zeros whatever their ids: an id outside the vocabulary embeds to
         # NaN, and masked attention weighs a padded key by an exact 0, which 0 * NaN would still poison.

@@ -12,21 +12,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2vl_jax import sharding
+from qwen2vl_jax import schema, sharding
 
-STEP_KEYS = ("input_ids", "positions", "segment_ids", "labels", "loss_mask", "patches", "patch_segment_ids",
-             "patch_positions", "vision_index")
-_FILL = {"vision_index": -1}   # everything else pads with 0
+STEP_KEYS = schema.STEP_KEYS
 
 
 def _pad(x: np.ndarray, key: str, text_len: int, patch_len: int) -> np.ndarray:
-    axis = {"positions": 2, "patches": 1, "patch_segment_ids": 1, "patch_positions": 1}.get(key, 1)
-    target = patch_len if key.startswith("patch") else text_len
-    if x.shape[axis] == target:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, target - x.shape[axis])
-    return np.pad(x, widths, constant_values=_FILL.get(key, 0))
+    return schema.pad_to(x, key, text_len, patch_len)
 
 
 def stack_micro_batches(batches: list[dict]) -> dict:
@@ -38,7 +30,7 @@ def stack_micro_batches(batches: list[dict]) -> dict:
         raise ValueError(f"micro-batches of one step must have the same number of rows, got {sorted(rows)}")
     keys = [k for k in STEP_KEYS if batches[0].get(k) is not None]
     if patch_len == 0:
-        keys = [k for k in keys if k not in ("patches", "patch_segment_ids", "patch_positions", "vision_index")]
+        keys = [k for k in keys if k not in schema.VISION_KEYS]
     return {k: np.stack([_pad(np.asarray(b[k]), k, text_len, patch_len) for b in batches]) for k in keys}
 
 
