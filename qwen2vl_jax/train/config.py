@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any
@@ -28,8 +29,20 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class GroupConfig:
+    match: str = ""                        # regex searched in a param's path, e.g. ^visual/merger/ or /lora_[ab]$
+    name: str = ""                         # the group's name in logs (lr/NAME); default group<i>
+    train: bool = True                     # false: frozen (no gradient, no optimizer state)
+    lr_mult: float = 1.0                   # peak lr = optim.lr * lr_mult
+    decay: bool | None = None              # weight decay; default: kernels, embeddings and LoRA factors only
+
+
+@dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-4                       # peak learning rate of every trainable part
+    lr: float = 1e-4                       # peak learning rate (times each group's lr_mult)
+    groups: list[GroupConfig] = dataclasses.field(default_factory=list)   # ordered rules over param paths,
+                                           # first match wins, unmatched params are frozen; empty: the parts
+                                           # of `trainable` / `stage` (one group each, part_lr as their peak)
     part_lr: dict[str, float] = dataclasses.field(default_factory=dict)   # peak lr per part: vit, merger, llm
     warmup_steps: int = 100                # linear warmup from 0 to the peak
     decay_steps: int = 10_000              # cosine after warmup; the schedule never depends on `steps`
@@ -247,12 +260,32 @@ def trainable_parts(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(cfg.trainable) if cfg.trainable is not None else STAGE_PARTS[cfg.stage]
 
 
+def param_groups(cfg: RunConfig):
+    """The parameter-group rules of a run (`optim.Groups`): `optim.groups` when given, else the parts of
+    `trainable` / `stage`."""
+    from qwen2vl_jax.train import optim
+    return optim.Groups(cfg.optim.groups or trainable_parts(cfg), cfg.optim)
+
+
 def validate(cfg: RunConfig) -> None:
     problems = []
     if cfg.stage not in STAGE_PARTS:
         problems.append(f"stage must be 1, 2 or 3, got {cfg.stage}")
     elif not set(trainable_parts(cfg)) <= set(PARTS) or not trainable_parts(cfg):
         problems.append(f"trainable must be a non-empty subset of {list(PARTS)}, got {cfg.trainable}")
+    if cfg.optim.groups:
+        if cfg.optim.part_lr:
+            problems.append("give optim.part_lr or optim.groups (with lr_mult), not both")
+        for i, g in enumerate(cfg.optim.groups):
+            if not g.match:
+                problems.append(f"optim.groups[{i}] needs a match (a regex over param paths)")
+            else:
+                try:
+                    re.compile(g.match)
+                except re.error as e:
+                    problems.append(f"optim.groups[{i}].match {g.match!r} is not a valid regex ({e})")
+        if not any(g.train for g in cfg.optim.groups):
+            problems.append("optim.groups trains nothing: at least one group needs train: true")
     unknown = set(cfg.optim.part_lr) - set(PARTS)
     if unknown:
         problems.append(f"optim.part_lr has unknown parts {sorted(unknown)}; parts are {list(PARTS)}")

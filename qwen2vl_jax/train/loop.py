@@ -18,7 +18,7 @@ from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
 from qwen2vl_jax.train import data as data_lib
-from qwen2vl_jax.train.config import RunConfig, trainable_parts
+from qwen2vl_jax.train.config import RunConfig, param_groups
 from qwen2vl_jax.train.state import abstract_state, init_state, state_shardings
 from qwen2vl_jax.train.step import StepFn
 
@@ -131,7 +131,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     cfg = resolve_dtype(cfg)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
-    parts = trainable_parts(cfg)
+    parts = param_groups(cfg)
     tx = optim.make_optimizer(cfg.optim, parts)
     schedules = optim.schedules(cfg.optim, parts)
     shardings = state_shardings(module, tx, parts, mesh)
@@ -167,12 +167,12 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
     log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
-        f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
+        f"({', '.join(parts.trained)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
 
     step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
                      z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
     peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
-    run_record = {**cfg.to_dict(), "trainable_parts": list(parts)}
+    run_record = {**cfg.to_dict(), "trainable_parts": list(parts.trained)}
 
     # -- loop
     log_file = metrics.MetricsLog(cfg.workdir, resume_step=start, enabled=main)
@@ -238,7 +238,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                     "text_tokens": float((host_batch["segment_ids"] > 0).sum()),
                     "patches": float((host_batch["patch_segment_ids"] > 0).sum())
                     if "patch_segment_ids" in host_batch else 0.0,
-                    "flops": metrics.step_flops(config, host_batch, parts),
+                    "flops": metrics.step_flops(config, host_batch, parts.parts()),
                     # examples read so far per mixture component, so a run shows what the model has seen
                     "seen": {f"seen/{k}": float(v) for k, v in getattr(data, "seen", {}).items()}}
             device_batch = batches.to_device(host_batch, step_fn.batch_shardings(host_batch))

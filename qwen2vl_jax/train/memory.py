@@ -30,7 +30,7 @@ from qwen2vl_jax import api, sharding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import optim
-from qwen2vl_jax.train.config import RunConfig, RunConfigError, load, trainable_parts
+from qwen2vl_jax.train.config import RunConfig, RunConfigError, load, param_groups
 
 GiB = 2 ** 30
 
@@ -103,9 +103,9 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
         if P else (0.0, 0.0)
     text_tokens, patches = rows * L, rows * P
     # No gradient reaches a frozen ViT (stage 3), so nothing of its forward pass is kept.
-    parts = trainable_parts(cfg)
-    vit_kept = "vit" in parts
-    merger_kept = vit_kept or "merger" in parts
+    groups = param_groups(cfg)
+    vit_kept = "vit" in groups.parts()
+    merger_kept = vit_kept or "merger" in groups.parts()
     saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
     merger = merger_kept * patches / vc.merge_unit * (2 * vc.merge_unit * vc.embed_dim * (1 + 1 / t)
                                                        + tc.hidden_size) * b
@@ -137,7 +137,7 @@ def estimate(cfg: RunConfig, devices: int, config: Qwen2VLConfig | None = None) 
     from qwen2vl_jax.train.loop import model_config
     config = config or model_config(cfg)
     sizes = mesh_sizes(cfg, devices)
-    out = {**state_bytes(config, trainable_parts(cfg), sizes, cfg.grad_accum, cfg.optim.moments_dtype),
+    out = {**state_bytes(config, param_groups(cfg), sizes, cfg.grad_accum, cfg.optim.moments_dtype),
            **activation_bytes(cfg, config, sizes)}
     out["total"] = sum(out.values())
     return {k: v / GiB for k, v in out.items()}
