@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -120,20 +121,42 @@ class RunConfig:
 
 # -- building from YAML + overrides ---------------------------------------------------------------------
 
-def read_yaml(path: str | None) -> dict:
-    """The mapping in a YAML config file ({} for no file), with clear errors for a bad one."""
+def read_yaml(path: str | None, _seen: tuple[str, ...] = ()) -> dict:
+    """The mapping of a YAML config file ({} for no file), composed: a `base:` key (a file or a list of files,
+    relative to this one) names configs merged under it in order, each overriding the ones before and this
+    file overriding them all; mappings merge key by key, anything else (lists included) is replaced."""
     if not path:
         return {}
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise RunConfigError(f"{path}: config file not found") from None
+        where = f" (the base of {_seen[-1]})" if _seen else ""
+        raise RunConfigError(f"{path}: config file not found{where}") from None
     except yaml.YAMLError as e:
         raise RunConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise RunConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    return raw
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise RunConfigError(f"{path}: base must be a config file or a list of them, got {bases!r}")
+    here = os.path.realpath(path)
+    if here in _seen:
+        raise RunConfigError(f"{path}: config bases form a cycle ({' -> '.join(_seen + (here,))})")
+    out: dict = {}
+    for b in bases:
+        out = merge_configs(out, read_yaml(os.path.join(os.path.dirname(path), b), _seen + (here,)))
+    return merge_configs(out, raw)
+
+
+def merge_configs(under: dict, over: dict) -> dict:
+    """`over` on top of `under`: mappings merge key by key, every other value of `over` replaces."""
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = merge_configs(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
