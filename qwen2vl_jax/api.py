@@ -127,18 +127,18 @@ class Qwen2VL:
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter=None, seed: int = 0, base_dtype: str | None = None, **kw) -> "Qwen2VL":
+    def add_adapter(self, adapter=None, seed: int = 0, **kw) -> "Qwen2VL":
         """A model with fresh LoRA adapters (`lora.Adapter(**kw)` unless given: r, alpha, rslora, dropout,
-        targets, quant), initialised as peft does (B zero: the same outputs as this model until trained). The
-        frozen base is quantised as `adapter.quant` says, or cast to `base_dtype` (default: kept as it is)."""
+        targets, quant, base_dtype), initialised as peft does (B zero: the same outputs as this model until
+        trained). The frozen base is quantised as `adapter.quant` says, else its matrices are stored in
+        `adapter.base_dtype` (default: this model's param dtype)."""
         from qwen2vl_jax import lora
         if self.adapter is not None:
             raise ValueError("this model already holds adapters; merge_adapter() first to stack another")
-        adapter = adapter or lora.Adapter(**kw)
-        params = self.params
-        if adapter.quant != "none" or base_dtype:
-            params = lora.prepare_base(params, adapter, base_dtype or str(jnp.dtype(jax.tree.leaves(params)[0].dtype)))
-        params = lora.add_adapters(params, adapter, jax.random.key(seed))
+        if adapter is None:
+            kw.setdefault("base_dtype", str(jnp.dtype(jax.tree.leaves(self.params)[0].dtype)))
+            adapter = lora.Adapter(**kw)
+        params = lora.build(self.params, adapter, jax.random.key(seed))
         return Qwen2VL(self.config, params, dtype=self.dtype, remat=self.module.remat,
                        attn_impl=self.module.attn_impl, adapter=adapter)
 

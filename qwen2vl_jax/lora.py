@@ -54,12 +54,15 @@ class Adapter:
     targets: str = "all-linear"
     quant: str = "none"
     quant_group: int = 64
+    base_dtype: str = "bfloat16"   # storage of the frozen base's matrices when not quantised (float32 | bfloat16)
 
     def __post_init__(self):
         if self.r < 1:
             raise AdapterError(f"lora r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise AdapterError(f"lora base_dtype must be one of {sorted(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.quant not in quant.FORMATS:
             raise AdapterError(f"lora quant must be one of {sorted(quant.FORMATS)}, got {self.quant!r}")
         try:
@@ -136,23 +139,27 @@ def kernel_shape(layer: dict) -> tuple[tuple[int, ...], tuple[int, int]]:
     return s[:-2], (s[-2], s[-1])
 
 
-def prepare_base(params: dict, adapter: Adapter, base_dtype: str = "bfloat16") -> dict:
-    """The frozen base for an adapted model: every Dense kernel (adapted or not) quantised as `adapter.quant`
-    says, or cast to `base_dtype`; every other float param cast to `base_dtype`. Trained params (the
-    adapters, and anything the parameter groups train) are better kept float32: cast them back after."""
-    dt = BASE_DTYPES[base_dtype]
-    cast = lambda t: jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
-    if adapter.quant == "none":
-        return cast(params)
+def prepare_base(params: dict, adapter: Adapter) -> dict:
+    """The frozen base for an adapted model: the adaptable Dense kernels but the head quantised as `adapter.quant` says,
+    the other matrices (kernels, embeddings) cast to `adapter.base_dtype`; norms and biases (small, and often
+    trained alongside an adapter) stay as they are."""
+    dt = BASE_DTYPES[adapter.base_dtype]
     out = params
     for path in dense_modules(params):
-        if not ADAPTABLE.match("/".join(path)):
-            continue
-        def q(layer):
-            rest = {k: v for k, v in layer.items() if k != "kernel"}
-            return {**rest, **quant.quantize(layer["kernel"], adapter.quant, adapter.quant_group)}
-        out = _replace(out, path, q)
-    return cast(out)
+        # The head stays unquantised, as bitsandbytes leaves it: its errors land straight on the logits.
+        if (adapter.quant != "none" and ADAPTABLE.match("/".join(path)) and path != ("lm_head",)
+                and "kernel" in _at(params, path)):
+            def q(layer):
+                rest = {k: v for k, v in layer.items() if k != "kernel"}
+                return {**rest, **quant.quantize(layer["kernel"], adapter.quant, adapter.quant_group)}
+            out = _replace(out, path, q)
+    cast = lambda p, x: x.astype(dt) if p[-1].key in ("kernel", "embedding") else x
+    return jax.tree_util.tree_map_with_path(cast, out)
+
+
+def build(params: dict, adapter: Adapter, key) -> dict:
+    """Base params -> the params of an adapted model: `prepare_base`, then fresh adapters."""
+    return add_adapters(prepare_base(params, adapter), adapter, key)
 
 
 def has_adapters(params) -> bool:
@@ -256,6 +263,19 @@ class AdaptedModule(Qwen2VLModule):
     def apply(self, variables, *args, **kwargs):
         with nn.intercept_methods(_interceptor(self.adapter)):
             return super().apply(variables, *args, **kwargs)
+
+    def init(self, rngs, *args, **kwargs):
+        """The base model's init, then `build`: the params tree an adapted model trains (boxed with logical
+        axes, so the sharding and train-state code handles it as any params tree)."""
+        variables = super().init(rngs, *args, **kwargs)
+        boxed = variables["params"]
+        is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+        axes = jax.tree.map(lambda x: x.names if is_box(x) else (None,) * x.ndim, boxed, is_leaf=is_box)
+        key = rngs if not isinstance(rngs, dict) else rngs["params"]
+        new = build(nn.meta.unbox(boxed), self.adapter, jax.random.fold_in(key, 0x10AA))
+        new_axes = logical_axes(new, axes)
+        rebox = lambda p, v: nn.LogicallyPartitioned(v, tuple(_at(new_axes, tuple(k.key for k in p))))
+        return {**variables, "params": jax.tree_util.tree_map_with_path(rebox, new)}
 
 
 def adapted(module: Qwen2VLModule, adapter: Adapter | None) -> Qwen2VLModule:

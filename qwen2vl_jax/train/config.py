@@ -85,6 +85,21 @@ class InitConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    r: int = 0                             # adapter rank; 0 = no adapters (a full fine-tune)
+    alpha: float = 16.0                    # scale = alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False
+    dropout: float = 0.0                   # on the adapter's input, as peft's lora_dropout
+    targets: str = "all-linear"            # regex over Dense paths (model/layers/q_proj, visual/blocks/qkv, ...)
+                                           # or all-linear | llm | vit | merger
+    quant: str = "none"                    # frozen base storage: none | int8 | nf4 | int4 (QLoRA)
+    quant_group: int = 64                  # input rows per 4-bit scale
+    base_dtype: str = "bfloat16"           # frozen base matrices when not quantised: bfloat16 | float32
+    init_adapter: str = ""                 # a peft adapter dir to continue training from
+    export_merged: bool = False            # also write <workdir>/hf: the base with the adapter folded in
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: str = "tiny"                    # a preset (tiny, 2b, 7b, 72b) or an HF dir / config.json
     workdir: str = "runs/demo"             # checkpoints, metrics.jsonl, TensorBoard events, export
@@ -114,6 +129,7 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)   # LoRA / QLoRA adapters (r > 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,11 +299,26 @@ def trainable_parts(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(cfg.trainable) if cfg.trainable is not None else STAGE_PARTS[cfg.stage]
 
 
+LORA_GROUPS = [GroupConfig(match=r"/lora_[ab]$", name="lora")]
+
+
 def param_groups(cfg: RunConfig):
-    """The parameter-group rules of a run (`optim.Groups`): `optim.groups` when given, else the parts of
-    `trainable` / `stage`."""
+    """The parameter-group rules of a run (`optim.Groups`): `optim.groups` when given, else the adapters
+    alone with `lora.r` > 0, else the parts of `trainable` / `stage`."""
     from qwen2vl_jax.train import optim
-    return optim.Groups(cfg.optim.groups or trainable_parts(cfg), cfg.optim)
+    if cfg.optim.groups:
+        return optim.Groups(cfg.optim.groups, cfg.optim)
+    return optim.Groups(LORA_GROUPS if cfg.lora.r > 0 else trainable_parts(cfg), cfg.optim)
+
+
+def adapter(cfg: RunConfig):
+    """The run's `lora.Adapter`, or None for a full fine-tune."""
+    if cfg.lora.r <= 0:
+        return None
+    from qwen2vl_jax import lora
+    c = cfg.lora
+    return lora.Adapter(r=c.r, alpha=c.alpha, rslora=c.rslora, dropout=c.dropout, targets=c.targets, quant=c.quant,
+                        quant_group=c.quant_group, base_dtype=c.base_dtype)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -309,6 +340,15 @@ def validate(cfg: RunConfig) -> None:
                     problems.append(f"optim.groups[{i}].match {g.match!r} is not a valid regex ({e})")
         if not any(g.train for g in cfg.optim.groups):
             problems.append("optim.groups trains nothing: at least one group needs train: true")
+    if cfg.lora.r < 0:
+        problems.append(f"lora.r must be >= 0 (0 = no adapters), got {cfg.lora.r}")
+    elif cfg.lora.r > 0:
+        try:
+            adapter(cfg)
+        except ValueError as e:
+            problems.append(str(e))
+    elif cfg.lora.init_adapter or cfg.lora.export_merged:
+        problems.append("lora.init_adapter / lora.export_merged need lora.r > 0")
     unknown = set(cfg.optim.part_lr) - set(PARTS)
     if unknown:
         problems.append(f"optim.part_lr has unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
