@@ -85,7 +85,7 @@ class VisionTower(nn.Module):
         policy = remat_policy(self.remat)
         if self.remat not in (None, "none"):
             block = nn.remat(block, policy=policy, prevent_cse=False)
-        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(c, self.dtype, self.param_dtype, self.attn_impl, name="blocks")(x, cos, sin, segment_ids)
