@@ -183,3 +183,17 @@ def test_older_key_layout_loads(tiny, tmp_path):
     b = qv.load_pretrained(path, adapter=str(tmp_path / "old"))
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_generation_with_an_unmerged_adapter(tiny, tmp_path):
+    """generate() runs the adapted layers in prefill and decode: the same tokens as the merged model."""
+    cfg, hf_model, path = tiny
+    pm = _peft(hf_model, 4, False, seed=4)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = qv.load_pretrained(path, adapter=str(tmp_path / "peft"))
+    inputs = hf_models.cases(cfg)["single_image"]
+    a = ours.generate(**inputs, max_new_tokens=6, eos_token_id=())
+    b = ours.merge_adapter().generate(**inputs, max_new_tokens=6, eos_token_id=())
+    c = qv.load_pretrained(path).generate(**inputs, max_new_tokens=6, eos_token_id=())
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
