@@ -60,13 +60,17 @@ class Qwen2VL:
     """
 
     def __init__(self, config: Qwen2VLConfig, params, dtype="float32", remat: str | None = None,
-                 attn_impl: str = "auto"):
+                 attn_impl: str = "auto", adapter=None):
         self.config = config
         self.params = params
         self.dtype = _dtype(dtype)
+        self.adapter = adapter   # a lora.Adapter when params hold LoRA adapters / quantised kernels
         param_dtype = jax.tree.leaves(params)[0].dtype if params is not None else jnp.float32
         self.module = Qwen2VLModule(config, dtype=self.dtype, param_dtype=param_dtype, remat=remat,
                                     attn_impl=attn_impl)
+        if adapter is not None:
+            from qwen2vl_jax import lora
+            self.module = lora.adapted(self.module, adapter)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -120,8 +124,48 @@ class Qwen2VL:
         chat template of `processor` (default `Processor.for_model(config)`), preprocessor_config.json,
         video_preprocessor_config.json and generation_config.json (default: greedy, the config's EOS and pad
         ids)."""
+        if self.adapter is not None:
+            raise ValueError("this model holds LoRA adapters: save_adapter(path) writes them for peft, "
+                             "merge_adapter().save_pretrained(path) a complete checkpoint with them folded in")
         hf.save_processing(self.config, path, processor, generation_config)   # checks the processor first
         hf.save_params(self.params, self.config, path, max_shard_bytes)
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter=None, seed: int = 0, **kw) -> "Qwen2VL":
+        """A model with fresh LoRA adapters (`lora.Adapter(**kw)` unless given: r, alpha, rslora, dropout,
+        targets, quant, base_dtype), initialised as peft does (B zero: the same outputs as this model until
+        trained). The frozen base is quantised as `adapter.quant` says, else its matrices are stored in
+        `adapter.base_dtype` (default: this model's param dtype)."""
+        from qwen2vl_jax import lora
+        if self.adapter is not None:
+            raise ValueError("this model already holds adapters; merge_adapter() first to stack another")
+        if adapter is None:
+            kw.setdefault("base_dtype", str(jnp.dtype(jax.tree.leaves(self.params)[0].dtype)))
+            adapter = lora.Adapter(**kw)
+        params = lora.build(self.params, adapter, jax.random.key(seed))
+        return Qwen2VL(self.config, params, dtype=self.dtype, remat=self.module.remat,
+                       attn_impl=self.module.attn_impl, adapter=adapter)
+
+    def save_adapter(self, path: str, base_model_name_or_path: str = "") -> None:
+        """Write the adapters as a peft LoRA adapter dir (adapter_config.json + adapter_model.safetensors) that
+        `peft.PeftModel.from_pretrained(transformers_model, path)` and `load_pretrained(base, adapter=path)` load."""
+        from qwen2vl_jax import peft_io
+        if self.adapter is None:
+            raise ValueError("this model holds no adapters (add_adapter() or load_pretrained(..., adapter=DIR))")
+        peft_io.save_adapter(self.params, self.config, self.adapter, path, base_model_name_or_path)
+
+    def merge_adapter(self, dtype=None) -> "Qwen2VL":
+        """A plain model with every adapter folded into its kernel (`W + scale * B A`, as peft's
+        `merge_and_unload`) and quantised kernels dequantised; its `save_pretrained` is a complete checkpoint."""
+        from qwen2vl_jax import lora
+        if self.adapter is None:
+            return self
+        dt = _dtype(dtype) if dtype is not None else jnp.float32
+        params = lora.merge(self.params, self.adapter, dt)
+        params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        return Qwen2VL(self.config, params, dtype=self.dtype, remat=self.module.remat,
+                       attn_impl=self.module.attn_impl)
 
 
 def _np(x):
@@ -132,11 +176,13 @@ def _np(x):
     return np.asarray(x)
 
 
-def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, **kw) -> Qwen2VL:
+def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: str | None = None,
+                    **kw) -> Qwen2VL:
     """Load an HF Qwen2-VL or Qwen2.5-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
 
     `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
-    sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`).
+    sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`). `adapter`: a peft LoRA
+    adapter dir to apply, unmerged (`merge_adapter()` folds it in; adapters are float32).
     """
     from qwen2vl_jax import storage
     if not storage.isdir(path):
@@ -150,7 +196,14 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, **kw) -> 
         module = Qwen2VLModule(config, dtype=dt, param_dtype=dt)
         shardings = sharding.tree_shardings(logical_specs(module), mesh, rules or sharding.RULES)
     params = hf.load_params(path, config, dtype=np.dtype(dt), shardings=shardings)
-    return Qwen2VL(config, params, dtype=dt, **kw)
+    if adapter is None:
+        return Qwen2VL(config, params, dtype=dt, **kw)
+    if mesh is not None:
+        raise NotImplementedError("load_pretrained(adapter=...) with a mesh: load without one, or place the "
+                                  "params yourself")
+    from qwen2vl_jax import peft_io
+    spec, params = peft_io.load_adapter(adapter, config, params)
+    return Qwen2VL(config, jax.tree.map(jnp.asarray, params), dtype=dt, adapter=spec, **kw)
 
 
 __all__ = ["Qwen2VL", "load_pretrained", "ConfigError"]

@@ -76,7 +76,7 @@ class TextModel(nn.Module):
         if self.remat not in (None, "none"):
             layer = nn.remat(layer, policy=remat_policy(self.remat), prevent_cse=False)
         self.layers = nn.scan(
-            layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(0,) + (nn.broadcast,) * 6, length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype, self.attn_impl)

@@ -107,7 +107,7 @@ class VisionTower(nn.Module):
         policy = remat_policy(self.remat)
         if self.remat not in (None, "none"):
             block = nn.remat(block, policy=policy, prevent_cse=False)
-        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         full = jnp.asarray(c.full_attention_blocks())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from typing import Any
@@ -28,8 +30,20 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class GroupConfig:
+    match: str = ""                        # regex searched in a param's path, e.g. ^visual/merger/ or /lora_[ab]$
+    name: str = ""                         # the group's name in logs (lr/NAME); default group<i>
+    train: bool = True                     # false: frozen (no gradient, no optimizer state)
+    lr_mult: float = 1.0                   # peak lr = optim.lr * lr_mult
+    decay: bool | None = None              # weight decay; default: kernels, embeddings and LoRA factors only
+
+
+@dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-4                       # peak learning rate of every trainable part
+    lr: float = 1e-4                       # peak learning rate (times each group's lr_mult)
+    groups: list[GroupConfig] = dataclasses.field(default_factory=list)   # ordered rules over param paths,
+                                           # first match wins, unmatched params are frozen; empty: the parts
+                                           # of `trainable` / `stage` (one group each, part_lr as their peak)
     part_lr: dict[str, float] = dataclasses.field(default_factory=dict)   # peak lr per part: vit, merger, llm
     warmup_steps: int = 100                # linear warmup from 0 to the peak
     decay_steps: int = 10_000              # cosine after warmup; the schedule never depends on `steps`
@@ -75,6 +89,21 @@ class InitConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    r: int = 0                             # adapter rank; 0 = no adapters (a full fine-tune)
+    alpha: float = 16.0                    # scale = alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False
+    dropout: float = 0.0                   # on the adapter's input, as peft's lora_dropout
+    targets: str = "all-linear"            # regex over Dense paths (model/layers/q_proj, visual/blocks/qkv, ...)
+                                           # or all-linear | llm | vit | merger
+    quant: str = "none"                    # frozen base storage: none | int8 | nf4 | int4 (QLoRA)
+    quant_group: int = 64                  # input rows per 4-bit scale
+    base_dtype: str = "bfloat16"           # frozen base matrices when not quantised: bfloat16 | float32
+    init_adapter: str = ""                 # a peft adapter dir to continue training from
+    export_merged: bool = False            # also write <workdir>/hf: the base with the adapter folded in
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: str = "tiny"                    # a preset (tiny, 2b, 7b, 72b) or an HF dir / config.json
     workdir: str = "runs/demo"             # checkpoints, metrics.jsonl, TensorBoard events, export
@@ -104,6 +133,7 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)   # LoRA / QLoRA adapters (r > 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,20 +141,42 @@ class RunConfig:
 
 # -- building from YAML + overrides ---------------------------------------------------------------------
 
-def read_yaml(path: str | None) -> dict:
-    """The mapping in a YAML config file ({} for no file), with clear errors for a bad one."""
+def read_yaml(path: str | None, _seen: tuple[str, ...] = ()) -> dict:
+    """The mapping of a YAML config file ({} for no file), composed: a `base:` key (a file or a list of files,
+    relative to this one) names configs merged under it in order, each overriding the ones before and this
+    file overriding them all; mappings merge key by key, anything else (lists included) is replaced."""
     if not path:
         return {}
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise RunConfigError(f"{path}: config file not found") from None
+        where = f" (the base of {_seen[-1]})" if _seen else ""
+        raise RunConfigError(f"{path}: config file not found{where}") from None
     except yaml.YAMLError as e:
         raise RunConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise RunConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    return raw
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise RunConfigError(f"{path}: base must be a config file or a list of them, got {bases!r}")
+    here = os.path.realpath(path)
+    if here in _seen:
+        raise RunConfigError(f"{path}: config bases form a cycle ({' -> '.join(_seen + (here,))})")
+    out: dict = {}
+    for b in bases:
+        out = merge_configs(out, read_yaml(os.path.join(os.path.dirname(path), b), _seen + (here,)))
+    return merge_configs(out, raw)
+
+
+def merge_configs(under: dict, over: dict) -> dict:
+    """`over` on top of `under`: mappings merge key by key, every other value of `over` replaces."""
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = merge_configs(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -251,12 +303,56 @@ def trainable_parts(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(cfg.trainable) if cfg.trainable is not None else STAGE_PARTS[cfg.stage]
 
 
+LORA_GROUPS = [GroupConfig(match=r"/lora_[ab]$", name="lora")]
+
+
+def param_groups(cfg: RunConfig):
+    """The parameter-group rules of a run (`optim.Groups`): `optim.groups` when given, else the adapters
+    alone with `lora.r` > 0, else the parts of `trainable` / `stage`."""
+    from qwen2vl_jax.train import optim
+    if cfg.optim.groups:
+        return optim.Groups(cfg.optim.groups, cfg.optim)
+    return optim.Groups(LORA_GROUPS if cfg.lora.r > 0 else trainable_parts(cfg), cfg.optim)
+
+
+def adapter(cfg: RunConfig):
+    """The run's `lora.Adapter`, or None for a full fine-tune."""
+    if cfg.lora.r <= 0:
+        return None
+    from qwen2vl_jax import lora
+    c = cfg.lora
+    return lora.Adapter(r=c.r, alpha=c.alpha, rslora=c.rslora, dropout=c.dropout, targets=c.targets, quant=c.quant,
+                        quant_group=c.quant_group, base_dtype=c.base_dtype)
+
+
 def validate(cfg: RunConfig) -> None:
     problems = []
     if cfg.stage not in STAGE_PARTS:
         problems.append(f"stage must be 1, 2 or 3, got {cfg.stage}")
     elif not set(trainable_parts(cfg)) <= set(PARTS) or not trainable_parts(cfg):
         problems.append(f"trainable must be a non-empty subset of {list(PARTS)}, got {cfg.trainable}")
+    if cfg.optim.groups:
+        if cfg.optim.part_lr:
+            problems.append("give optim.part_lr or optim.groups (with lr_mult), not both")
+        for i, g in enumerate(cfg.optim.groups):
+            if not g.match:
+                problems.append(f"optim.groups[{i}] needs a match (a regex over param paths)")
+            else:
+                try:
+                    re.compile(g.match)
+                except re.error as e:
+                    problems.append(f"optim.groups[{i}].match {g.match!r} is not a valid regex ({e})")
+        if not any(g.train for g in cfg.optim.groups):
+            problems.append("optim.groups trains nothing: at least one group needs train: true")
+    if cfg.lora.r < 0:
+        problems.append(f"lora.r must be >= 0 (0 = no adapters), got {cfg.lora.r}")
+    elif cfg.lora.r > 0:
+        try:
+            adapter(cfg)
+        except ValueError as e:
+            problems.append(str(e))
+    elif cfg.lora.init_adapter or cfg.lora.export_merged:
+        problems.append("lora.init_adapter / lora.export_merged need lora.r > 0")
     unknown = set(cfg.optim.part_lr) - set(PARTS)
     if unknown:
         problems.append(f"optim.part_lr has unknown parts {sorted(unknown)}; parts are {list(PARTS)}")

@@ -13,13 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import hf, sharding, storage
+import flax.linen as nn
+
+from qwen2vl_jax import api, hf, lora, peft_io, sharding, storage
 from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
 from qwen2vl_jax.train import data as data_lib
-from qwen2vl_jax.train.config import RunConfig, trainable_parts
-from qwen2vl_jax.train.state import abstract_state, init_state, state_shardings
+from qwen2vl_jax.train.config import RunConfig, adapter as run_adapter, param_groups
+from qwen2vl_jax.train.state import abstract_state, init_state, param_shardings, state_shardings
 from qwen2vl_jax.train.step import StepFn
 
 
@@ -65,6 +67,27 @@ def initial_params(cfg: RunConfig, config: Qwen2VLConfig, shardings, log) -> dic
         log(report.to_text())
         return params
     return None
+
+
+def adapted_params(cfg: RunConfig, config: Qwen2VLConfig, base_module, adapter, shardings, mesh, log):
+    """The params of a LoRA run placed in `shardings.params`: the base (as `initial_params` gives it, or a
+    random init when it gives none), quantised / cast, with fresh adapters, or those of `lora.init_adapter`."""
+    base_sh = param_shardings(base_module, mesh)
+    params = initial_params(cfg, config, base_sh, log)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 0x10AA)
+    if params is None:
+        dummy = api.dummy_batch(config)
+        params = jax.jit(lambda k: nn.meta.unbox(base_module.init(k, dummy)["params"]), out_shardings=base_sh)(
+            jax.random.split(jax.random.key(cfg.seed))[0])
+    params = jax.jit(lambda p: lora.build(p, adapter, key), out_shardings=shardings.params)(params)
+    if cfg.lora.init_adapter:
+        loaded, host = peft_io.load_adapter(cfg.lora.init_adapter, config, jax.device_get(params))
+        if (loaded.r, loaded.alpha, loaded.rslora) != (adapter.r, adapter.alpha, adapter.rslora):
+            raise TrainingStopped(f"{cfg.lora.init_adapter}: its adapter has r={loaded.r}, alpha={loaded.alpha}, "
+                                  f"rslora={loaded.rslora}; set lora.r, lora.alpha and lora.rslora to match")
+        params = jax.device_put(host, shardings.params)
+        log(f"init: adapter {cfg.lora.init_adapter}")
+    return params
 
 
 def resolve_dtype(cfg: RunConfig) -> RunConfig:
@@ -131,7 +154,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     cfg = resolve_dtype(cfg)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
-    parts = trainable_parts(cfg)
+    adapter = run_adapter(cfg)
+    base_module, module = module, lora.adapted(module, adapter)
+    parts = param_groups(cfg)
     tx = optim.make_optimizer(cfg.optim, parts)
     schedules = optim.schedules(cfg.optim, parts)
     shardings = state_shardings(module, tx, parts, mesh)
@@ -148,7 +173,14 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         if saved != config:
             raise TrainingStopped(f"{cfg.workdir} holds checkpoints of a different model than this config "
                                   "describes; use a new workdir (or the config that made them)")
-        state, saved_data = ckpts.restore(abstract_state(module, tx, parts, shardings), latest)
+        target = abstract_state(module, tx, parts, shardings)
+        if adapter is not None:   # LoRA checkpoints hold the trained params only; the base is rebuilt
+            target = target.replace(params=optim.split(target.params, parts)[0])
+        state, saved_data = ckpts.restore(target, latest)
+        if adapter is not None:
+            base = init_state(module, tx, parts, shardings, cfg.seed,
+                              adapted_params(cfg, config, base_module, adapter, shardings, mesh, log))
+            state = state.replace(params=optim.merge(state.params, optim.split(base.params, parts)[1]))
         if saved_data is not None and saved_data["layout"] == layout:
             seed_offset, data_state = saved_data["seed_offset"], saved_data["state"]
         else:
@@ -157,7 +189,10 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             seed_offset = latest
         log(f"resumed from {ckpts.directory}/{latest}")
     else:
-        params = initial_params(cfg, config, shardings.params, log)
+        if adapter is None:
+            params = initial_params(cfg, config, shardings.params, log)
+        else:
+            params = adapted_params(cfg, config, base_module, adapter, shardings, mesh, log)
         state = init_state(module, tx, parts, shardings, cfg.seed, params)
     if own_data:
         data = data_lib.make_source(cfg, config, mesh, seed_offset)
@@ -167,12 +202,12 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
     log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
-        f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
+        f"({', '.join(parts.trained)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
 
     step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
                      z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
     peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
-    run_record = {**cfg.to_dict(), "trainable_parts": list(parts)}
+    run_record = {**cfg.to_dict(), "trainable_parts": list(parts.trained)}
 
     # -- loop
     log_file = metrics.MetricsLog(cfg.workdir, resume_step=start, enabled=main)
@@ -216,6 +251,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     def data_snapshot():   # this host's iterator state, with what it depends on
         return {"layout": layout, "seed_offset": seed_offset, "state": data.get_state()}
 
+    def saved(st):   # what a checkpoint holds: with adapters, the trained params only
+        return st if adapter is None else st.replace(params=optim.split(st.params, parts)[0])
+
     pending, step, it = None, start, iter(data)
     try:
         for step in range(start + 1, cfg.steps + 1):
@@ -231,14 +269,14 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                         finish(pending)
                         pending = None
                     log_file.flush()   # metrics up to a checkpoint survive with it (buckets upload on flush)
-                    ckpts.save(state, step, data_snapshot(), config, run_record)
+                    ckpts.save(saved(state), step, data_snapshot(), config, run_record)
                     last_saved = step
                 break
             host = {"data_time": time.perf_counter() - t0,
                     "text_tokens": float((host_batch["segment_ids"] > 0).sum()),
                     "patches": float((host_batch["patch_segment_ids"] > 0).sum())
                     if "patch_segment_ids" in host_batch else 0.0,
-                    "flops": metrics.step_flops(config, host_batch, parts),
+                    "flops": metrics.step_flops(config, host_batch, parts.parts()),
                     # examples read so far per mixture component, so a run shows what the model has seen
                     "seen": {f"seen/{k}": float(v) for k, v in getattr(data, "seen", {}).items()}}
             device_batch = batches.to_device(host_batch, step_fn.batch_shardings(host_batch))
@@ -251,7 +289,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                 finish(pending)   # a step is saved only after its NaN check
                 pending = None
                 log_file.flush()
-                ckpts.save(state, step, data_snapshot(), config, run_record)
+                ckpts.save(saved(state), step, data_snapshot(), config, run_record)
                 last_saved = step
             if stop.reason or preempted:
                 log(f"\nstopping after step {step} ({stop.reason or 'preemption'}): checkpoint saved")
@@ -268,7 +306,19 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             data.close()
 
     # -- export
-    if cfg.export_hf and step == cfg.steps and "stopped" not in summary:
+    if adapter is not None and step == cfg.steps and "stopped" not in summary:
+        out = storage.join(cfg.workdir, "adapter")
+        if main:
+            peft_io.save_adapter(jax.device_get(optim.split(state.params, parts)[0]), config, adapter, out,
+                                 cfg.lora.init_adapter or cfg.init_from)
+        log(f"exported the adapter (peft) to {out}")
+    if adapter is not None and cfg.lora.export_merged and step == cfg.steps and "stopped" not in summary:
+        out = storage.join(cfg.workdir, "hf")
+        merged = jax.jit(lambda p: lora.merge(p, adapter))(state.params)
+        checkpoint.export_hf(merged, config, out, cfg.export_dtype, processor=data_lib.processor(cfg, config),
+                             generation=data_lib.generation(cfg))
+        log(f"exported the merged HF checkpoint to {out}")
+    elif adapter is None and cfg.export_hf and step == cfg.steps and "stopped" not in summary:
         out = storage.join(cfg.workdir, "hf")
         checkpoint.export_hf(state.params, config, out, cfg.export_dtype, processor=data_lib.processor(cfg, config),
                              generation=data_lib.generation(cfg))

@@ -3,7 +3,8 @@
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
 
 Counts, per chip:
-- params: float32 master weights, each sharded as its logical axes map onto the mesh (RULES);
+- params: float32 master weights, each sharded as its logical axes map onto the mesh (RULES); with LoRA
+  (`lora.r` > 0) the frozen base in its stored dtype (bfloat16, or int8 / 4-bit codes and their scales);
 - optimizer: AdamW mu and nu of the trainable parts only, in `optim.moments_dtype` (float32: 4 bytes each
   per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
@@ -30,7 +31,7 @@ from qwen2vl_jax import api, sharding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import optim
-from qwen2vl_jax.train.config import RunConfig, RunConfigError, load, trainable_parts
+from qwen2vl_jax.train.config import RunConfig, RunConfigError, adapter, load, param_groups
 
 GiB = 2 ** 30
 
@@ -58,15 +59,19 @@ MOMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum: int,
-                moments_dtype: str = "float32") -> dict[str, float]:
-    """Per-chip bytes of params, optimizer state (mu and nu in `moments_dtype`) and gradients."""
-    boxed = api.abstract_params(Qwen2VLModule(config))
+                moments_dtype: str = "float32", adapter=None) -> dict[str, float]:
+    """Per-chip bytes of params, optimizer state (mu and nu in `moments_dtype`) and gradients. With a LoRA
+    `adapter`, the params are the adapted tree's (the frozen base in its stored dtype, quantised or not)."""
+    from qwen2vl_jax import lora
+    boxed = api.abstract_params(lora.adapted(Qwen2VLModule(config), adapter))
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
+    stored = jax.tree.map(lambda s, spec: math.prod(s.shape) * s.dtype.itemsize / _shards(spec, sizes), shapes,
+                          specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     per_leaf = jax.tree.map(lambda s, spec: math.prod(s.shape) * 4 / _shards(spec, sizes), shapes, specs,
                             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, _ = optim.split(per_leaf, parts)
-    p, t = sum(jax.tree.leaves(per_leaf)), sum(jax.tree.leaves(trainable))
+    p, t = sum(jax.tree.leaves(stored)), sum(jax.tree.leaves(trainable))
     return {"params": p, "optimizer": 2 * t * MOMENT_BYTES[moments_dtype] / 4,
             "grads": t * (2 if grad_accum > 1 else 1)}
 
@@ -103,9 +108,9 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
         if P else (0.0, 0.0)
     text_tokens, patches = rows * L, rows * P
     # No gradient reaches a frozen ViT (stage 3), so nothing of its forward pass is kept.
-    parts = trainable_parts(cfg)
-    vit_kept = "vit" in parts
-    merger_kept = vit_kept or "merger" in parts
+    groups = param_groups(cfg)
+    vit_kept = "vit" in groups.parts()
+    merger_kept = vit_kept or "merger" in groups.parts()
     saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
     merger = merger_kept * patches / vc.merge_unit * (2 * vc.merge_unit * vc.embed_dim * (1 + 1 / t)
                                                        + tc.hidden_size) * b
@@ -137,7 +142,7 @@ def estimate(cfg: RunConfig, devices: int, config: Qwen2VLConfig | None = None) 
     from qwen2vl_jax.train.loop import model_config
     config = config or model_config(cfg)
     sizes = mesh_sizes(cfg, devices)
-    out = {**state_bytes(config, trainable_parts(cfg), sizes, cfg.grad_accum, cfg.optim.moments_dtype),
+    out = {**state_bytes(config, param_groups(cfg), sizes, cfg.grad_accum, cfg.optim.moments_dtype, adapter(cfg)),
            **activation_bytes(cfg, config, sizes)}
     out["total"] = sum(out.values())
     return {k: v / GiB for k, v in out.items()}

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from qwen2vl_jax import sharding
@@ -74,32 +73,25 @@ def compute_grads(module: Qwen2VLModule, params: dict, batch: dict, parts, *, z_
     return grads, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, module: Qwen2VLModule, tx: optax.GradientTransformation,
-               parts, schedules: dict[str, Callable], z_loss: float = 0.0, loss_chunk: int = 0,
+def train_step(state: TrainState, batch: dict, *, module: Qwen2VLModule, tx: optim.Optimizer, parts=None,
+               schedules: dict[str, Callable] | None = None, z_loss: float = 0.0, loss_chunk: int = 0,
                grad_shardings=None):
-    """One optimizer step. Returns (new state, metrics). `StepFn` jits it."""
+    """One optimizer step of `tx` (`optim.make_optimizer`) over its parameter groups (`parts`, when given,
+    must select the same params). Returns (new state, metrics). `StepFn` jits it."""
+    if not isinstance(tx, optim.Optimizer):
+        raise TypeError(f"train_step takes the optimizer of optim.make_optimizer, got {type(tx).__name__}")
+    groups = tx.groups if parts is None else optim.as_groups(parts)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, metrics = compute_grads(module, state.params, batch, parts, z_loss=z_loss, loss_chunk=loss_chunk,
+    grads, metrics = compute_grads(module, state.params, batch, groups, z_loss=z_loss, loss_chunk=loss_chunk,
                                    rng=rng, grad_shardings=grad_shardings)
-    trainable, frozen = optim.split(state.params, parts)
+    trainable, frozen = optim.split(state.params, groups)
+    schedules = optim.schedules(tx.cfg, tx.groups) if schedules is None else schedules
     lrs = {f"lr/{p}": s(state.step) for p, s in schedules.items()}
-    if isinstance(tx, optim.Optimizer):
-        # make_optimizer's AdamW fused per leaf with the apply and the guard: fewer temporaries than the chain.
-        new_trainable, opt_state, norms = optim.fused_update(tx.cfg, tx.parts, grads, state.opt_state, trainable,
-                                                             metrics["loss"])
-        new_state = TrainState(step=state.step + 1, params=optim.merge(new_trainable, frozen), opt_state=opt_state,
-                               rng=state.rng)
-        return new_state, {**metrics, **norms, **lrs}
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    kept = keep(new_trainable, trainable)
-    new_state = TrainState(step=state.step + 1, params=optim.merge(kept, frozen),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
-    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite, "param_norm": optax.global_norm(kept), **lrs}
-    return new_state, metrics
+    # AdamW fused per leaf with the apply and the guard: fewer temporaries than tx.update + apply_updates.
+    new_trainable, opt_state, norms = optim.fused_update(tx, grads, state.opt_state, trainable, metrics["loss"])
+    new_state = TrainState(step=state.step + 1, params=optim.merge(new_trainable, frozen), opt_state=opt_state,
+                           rng=state.rng)
+    return new_state, {**metrics, **norms, **lrs}
 
 
 def batch_shardings(mesh: Mesh, keys, rules=sharding.RULES) -> dict:
@@ -114,7 +106,8 @@ class StepFn:
 
     def __init__(self, mesh: Mesh, state_shardings: TrainState, rules=sharding.RULES, **kw: Any):
         self.mesh, self.rules, self.state_shardings = mesh, rules, state_shardings
-        self.kw = {"grad_shardings": optim.split(state_shardings.params, kw["parts"])[0], **kw}
+        groups = kw["tx"].groups if kw.get("parts") is None else kw["parts"]
+        self.kw = {"grad_shardings": optim.split(state_shardings.params, groups)[0], **kw}
         self._jits: dict[tuple, Any] = {}
 
     def batch_shardings(self, keys) -> dict:
