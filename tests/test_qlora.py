@@ -124,7 +124,7 @@ def test_dropout_masks_differ_per_layer():
     keys = []
 
     def spy(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and context.module.path[-1] == "q_proj":
+        if context.method_name == "__call__" and context.module.path[-1:] == ("q_proj",):
             k = jax.random.key_data(context.module.make_rng("dropout"))
             jax.debug.callback(lambda k: keys.append(np.asarray(k)), k)
         return next_fun(*args, **kwargs)
