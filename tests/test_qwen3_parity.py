@@ -11,7 +11,8 @@ import qwen2vl_jax as qv
 from qwen2vl_jax.inputs import batch_from_hf
 from qwen2vl_jax.model.rope import mrope_streams
 
-SHAPES = list(hf_models.CONFIGS_3)
+# The three-level shape runs with the slow tests (the default run keeps one and two levels, both tables).
+SHAPES = [pytest.param(n, marks=pytest.mark.slow) if n == "p36_three_levels" else n for n in hf_models.CONFIGS_3]
 CASES = ["odd_image", "two_images", "video_and_image", "left_padded_mixed", "text_only"]
 
 
@@ -131,14 +132,16 @@ def test_packed_equals_alone(loaded):
         assert err <= 1e-4, f"{n}: packed vs alone {err:.2e}"
 
 
-@pytest.mark.parametrize("shape", ["p16_two_levels", "p400_one_level_tied"])
-def test_gradients_match_torch_autograd(loaded, shape):
-    """d(sum(logits * W))/d(params) for an image + per-frame video batch against torch autograd, every tensor
-    (the position table, the DeepStack mergers, q/k norms, the tied embedding included)."""
+@pytest.mark.slow   # ~40 s each on 2 cores (the backward pass compiles)
+@pytest.mark.parametrize("shape,case", [("p16_two_levels", "odd_image"), ("p16_two_levels", "video_and_image"),
+                                        ("p400_one_level_tied", "video_and_image")])
+def test_gradients_match_torch_autograd(loaded, shape, case):
+    """d(sum(logits * W))/d(params) against torch autograd, every tensor (the position table, the DeepStack
+    mergers, q/k norms, the tied embedding included); an image, and an image + per-frame video."""
     import jax
     from qwen2vl_jax import hf as qhf
     cfg, hf, ours = loaded[shape]
-    inputs = hf_models.cases_3(cfg)["video_and_image"]
+    inputs = hf_models.cases_3(cfg)[case]
     batch, _ = batch_from_hf(cfg, **inputs)
     weight = np.random.default_rng(0).standard_normal((1, batch["input_ids"].shape[1], cfg.text.vocab_size))
     weight = weight.astype(np.float32)

@@ -55,12 +55,14 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, shared):
+@pytest.mark.parametrize("model", ["tiny", "qwen2_5_vl-tiny"])
+def test_kill_and_resume_is_bit_identical(tmp_path, shared, model):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = subprocess.run(_cmd(straight, shared), env=_env(), capture_output=True, text=True, timeout=900)
+    cmd = lambda workdir: _cmd(workdir, shared, f"model={model}")
+    r = subprocess.run(cmd(straight), env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    proc = subprocess.Popen(_cmd(killed, shared), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd(killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not _committed(killed) and proc.poll() is None and time.time() < deadline:
@@ -73,7 +75,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, shared):
     at_kill = _committed(killed)
     assert at_kill and at_kill[-1] < STEPS, at_kill
 
-    r = subprocess.run(_cmd(killed, shared), env=_env(), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd(killed), env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["start_step"] == at_kill[-1]
 

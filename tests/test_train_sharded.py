@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     from train_utils import packed, random_params, tiny_config
     assert jax.device_count() == 8
 
-    cfg = tiny_config()
+    from qwen2vl_jax import config as C
+    cfg = {model}
     module = Qwen2VLModule(cfg)
     parts = STAGE_PARTS[2]
     params = random_params(module, 0)
@@ -77,9 +78,10 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow   # an 8-device subprocess compiling three programs: ~1-2 min on 2 cores
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("model", ["tiny_config()", "C.tiny_2_5()"], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_sharded_step_equals_single_device(model):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), model=model)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     figures = json.loads(r.stdout.strip().splitlines()[-1])

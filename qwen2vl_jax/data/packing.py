@@ -240,7 +240,9 @@ def prepare_example(example: Mapping[str, Any], config: Qwen2VLConfig | None = N
         order, window_sizes = vision_window_index(grid, config.vision.spatial_merge_size, config.vision.window_merged)
         perm = window_patch_order(order, config.vision.spatial_merge_size)
         patches, patch_positions = patches[perm], patch_positions[perm]
-        vision_index = np.where(vision_index >= 0, np.argsort(order)[np.maximum(vision_index, 0)], -1).astype(np.int32)
+        if len(order):
+            vision_index = np.where(vision_index >= 0, np.argsort(order)[np.maximum(vision_index, 0)], -1)
+            vision_index = vision_index.astype(np.int32)
         window_sizes = window_sizes.astype(np.int32)
 
     # M-RoPE of the example alone, so positions restart at 0 in every packed segment.

@@ -400,7 +400,11 @@ class Processor:
             kw = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels,
                   "total_pixels": self.video_total_pixels, **(videos_kwargs or {})}
             fps = kw.get("fps") or 2.0
-            out["pixel_values_videos"], out["video_grid_thw"] = self._concat([self._video(v, **kw) for v in videos])
+            # For given frames `fps` is their rate (as transformers' processors read it), not a resampling.
+            as_given = {k: x for k, x in kw.items() if k != "fps" or kw.get("video_fps")}
+            out["pixel_values_videos"], out["video_grid_thw"] = self._concat(
+                [self._video(v, **(kw if isinstance(v, (str, os.PathLike, bytes, bytearray)) else as_given))
+                 for v in videos])
             video_grids = out["video_grid_thw"]
             if self.absolute_time:
                 out["second_per_grid_ts"] = np.broadcast_to(self._seconds(fps), (len(videos),)).copy()
