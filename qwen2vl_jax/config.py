@@ -126,8 +126,8 @@ class Qwen2VLConfig:
         try:
             d = json.loads(storage.read_text(file))
         except FileNotFoundError:
-            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL or Qwen2.5-VL "
-                              "checkpoint directory") from None
+            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL, Qwen2.5-VL or "
+                              "Qwen3-VL checkpoint directory") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return from_hf_dict(d, file)
