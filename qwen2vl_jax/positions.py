@@ -29,6 +29,9 @@ def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, atte
     video at `k * second_per_grid_t * tokens_per_second` (`second_per_grid_ts`: one entry per video, default
     1.0) and every image patch at time 0. As transformers 4.57, `second_per_grid_t` is truncated to an integer
     before the product (0.5 s, i.e. 4 fps with 2-frame patches, gives time 0 throughout).
+
+    A family that writes video time as text (Qwen3-VL) has one span per temporal patch, each at time 0
+    (`frame_spans`); pass its `video_grid_thw` per video, as the processor gives it.
     """
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
