@@ -163,3 +163,16 @@ def test_gradients_match_torch_autograd(loaded, shape, case):
             assert err <= 1e-5, f"{shape}: {name.format(i=i)}: gradient diff {err:.2e} (scale {scale:.2e})"
             checked += 1
     assert checked == sum(n or 1 for _, n, _, _ in qhf.param_map(cfg).values())
+
+
+def test_bf16_forward_close_to_f32(hf_checkpoints_3):
+    """bf16 params and compute (the TPU setting) through the position table, DeepStack and q/k norms stay near
+    f32: within a few bf16 steps of the logits' scale, the greedy choice agreeing almost everywhere."""
+    cfg, _, path = hf_checkpoints_3["p16_two_levels"]
+    inputs = hf_models.cases_3(cfg)["video_and_image"]
+    f32 = np.asarray(qv.load_pretrained(path, dtype="float32")(**inputs))
+    bf16 = np.asarray(qv.load_pretrained(path, dtype="bfloat16")(**inputs)).astype(np.float32)
+    assert np.isfinite(bf16).all()
+    err = np.abs(bf16 - f32).max() / np.abs(f32).max()
+    assert err < 3e-2, f"bf16 vs f32 relative max diff {err:.2e}"
+    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
