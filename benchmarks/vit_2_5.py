@@ -49,7 +49,6 @@ def main():
     from qwen2vl_jax import config as C, hf
     from qwen2vl_jax.inputs import batch_from_hf
     from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
-    from qwen2vl_jax.families import tables
 
     fullatt = tuple(i for i in (7, 15, 23, 31) if i < args.depth) or (args.depth - 1,)
     cfg = C.preset("qwen2_5_vl-7b")

@@ -3,7 +3,6 @@ with the right shapes, config.json round trips through our reader and transforme
 trainable-part prefixes."""
 
 import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
