@@ -11,7 +11,7 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot describe a model of a supported family (Qwen2-VL, Qwen2.5-VL)."""
+    """A configuration that cannot describe a model of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,10 @@ class VisionConfig:
     window_size: int = 0               # window side in pixels for window attention; 0 = full attention everywhere
     fullatt_block_indexes: tuple[int, ...] = ()   # blocks that attend over the whole image when windowed
     tokens_per_second: int | None = None   # M-RoPE time of videos: None = one step per temporal patch (Qwen2-VL)
+    num_position_embeddings: int = 0   # learned absolute position table (side**2 entries), bilinearly resized
+    #                                    to each image's grid and added after the patch embedding; 0 = none
+    deepstack_visual_indexes: tuple[int, ...] = ()   # blocks whose outputs feed the DeepStack mergers
+    patch_bias: bool = False           # the patch embedding has a bias (Qwen3-VL)
 
     @property
     def head_dim(self) -> int:
@@ -72,10 +76,14 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)   # t, h, w rotary pairs; sums to head_dim / 2
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
+    explicit_head_dim: int | None = None   # head width when the config gives one (Qwen3), else D / heads
+    attention_bias: bool = True        # q/k/v projections carry biases (Qwen2); Qwen3 has none
+    qk_norm: bool = False              # RMSNorm over each head of q and k before the rotation (Qwen3)
+    mrope_interleaved: bool = False    # M-RoPE pairs cycle t, h, w (Qwen3-VL) instead of chunks per stream
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +126,8 @@ class Qwen2VLConfig:
         try:
             d = json.loads(storage.read_text(file))
         except FileNotFoundError:
-            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL or Qwen2.5-VL "
-                              "checkpoint directory") from None
+            raise ConfigError(f"{file}: no config.json; expected a Hugging Face Qwen2-VL, Qwen2.5-VL or "
+                              "Qwen3-VL checkpoint directory") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return from_hf_dict(d, file)
@@ -140,7 +148,7 @@ def validate(c: Qwen2VLConfig) -> None:
         fam = families.get(c.model_type)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
-    if t.hidden_size % t.num_attention_heads:
+    if t.hidden_size % t.num_attention_heads and not t.explicit_head_dim:
         problems.append(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
     elif sum(t.mrope_section) * 2 != t.head_dim:
         problems.append(f"mrope_section {list(t.mrope_section)} sums to {sum(t.mrope_section)}, "
@@ -169,6 +177,15 @@ def validate(c: Qwen2VLConfig) -> None:
     bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
     if bad:
         problems.append(f"fullatt_block_indexes {bad} are not blocks of a {v.depth}-block ViT")
+    bad = [i for i in v.deepstack_visual_indexes if not 0 <= i < v.depth]
+    if bad:
+        problems.append(f"deepstack_visual_indexes {bad} are not blocks of a {v.depth}-block ViT")
+    if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
+        problems.append(f"{len(v.deepstack_visual_indexes)} DeepStack levels need as many LLM layers, "
+                        f"the LLM has {t.num_hidden_layers}")
+    side = int(round(v.num_position_embeddings ** 0.5))
+    if v.num_position_embeddings and side * side != v.num_position_embeddings:
+        problems.append(f"num_position_embeddings {v.num_position_embeddings} is not a square (side x side table)")
     if t.hidden_act != "silu":
         problems.append(f"text hidden_act {t.hidden_act!r} is not supported ({fam.name} uses silu)")
     # The pad id is embedded (left-padded prompts) and is transformers' `padding_idx`, which must be a row.
@@ -236,6 +253,37 @@ def tiny_2_5(vocab_size: int = 1000) -> Qwen2VLConfig:
         vision=qwen2_5_vision(64, depth=4, width=32, heads=4, inter=48, window=56, fullatt=(1,)))
 
 
+def qwen3_vision(out: int, depth: int = 27, width: int = 1152, heads: int = 16, inter: int = 4304,
+                 deepstack=(8, 16, 24), positions: int = 2304) -> VisionConfig:
+    """A Qwen3-VL vision tower (the released ones: 27 blocks of width 1152, or 24 of 1024 for 2B and 4B)."""
+    return VisionConfig(depth=depth, embed_dim=width, num_heads=heads, hidden_size=out,
+                        hidden_act="gelu_pytorch_tanh", intermediate_size=inter, patch_size=16,
+                        num_position_embeddings=positions, deepstack_visual_indexes=tuple(deepstack), patch_bias=True)
+
+
+def qwen3_text(D, layers, heads, kv, inter, vocab=151936, head_dim=128, section=(24, 20, 20),
+               max_pos=262144) -> TextConfig:
+    return TextConfig(vocab_size=vocab, hidden_size=D, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=5e6, mrope_section=section,
+                      max_position_embeddings=max_pos, explicit_head_dim=head_dim, attention_bias=False,
+                      qk_norm=True, mrope_interleaved=True)
+
+
+def _preset_3(D, layers, heads, kv, inter, tied, small_vit) -> Qwen2VLConfig:
+    vit = qwen3_vision(D, 24, 1024, 16, 4096, (5, 11, 17)) if small_vit else qwen3_vision(D)
+    return Qwen2VLConfig(vision=vit, text=qwen3_text(D, layers, heads, kv, inter), tie_word_embeddings=tied,
+                         model_type="qwen3_vl")
+
+
+def tiny_3(vocab_size: int = 1000) -> Qwen2VLConfig:
+    """The tiny Qwen3-VL of the parity tests and the demo: 4-block ViT (width 32) with a 4x4 position table and
+    DeepStack from blocks 1 and 2, a 2-layer Qwen3 LLM with head_dim 16 (not D / heads), the `tiny` token ids."""
+    return dataclasses.replace(
+        tiny(vocab_size), model_type="qwen3_vl",
+        vision=qwen3_vision(64, depth=4, width=32, heads=4, inter=48, deepstack=(1, 2), positions=16),
+        text=qwen3_text(64, 2, 4, 2, 128, vocab=vocab_size, head_dim=16, section=(4, 2, 2), max_pos=4096))
+
+
 PRESETS = {
     "tiny": tiny,
     "small": small,
@@ -248,6 +296,12 @@ PRESETS = {
     "qwen2_5_vl-7b": lambda: _preset_2_5(3584, 28, 28, 4, 18944, 152064, False, 3420),
     "qwen2_5_vl-32b": lambda: _preset_2_5(5120, 64, 40, 8, 27648, 152064, False, 3456),
     "qwen2_5_vl-72b": lambda: _preset_2_5(8192, 80, 64, 8, 29568, 152064, False, 3456),
+    # Qwen3-VL dense (the released config.json files).
+    "qwen3_vl-tiny": tiny_3,
+    "qwen3_vl-2b": lambda: _preset_3(2048, 28, 16, 8, 6144, True, True),
+    "qwen3_vl-4b": lambda: _preset_3(2560, 36, 32, 8, 9728, True, True),
+    "qwen3_vl-8b": lambda: _preset_3(4096, 36, 32, 8, 12288, False, False),
+    "qwen3_vl-32b": lambda: _preset_3(5120, 64, 64, 8, 25600, False, False),
 }
 
 
@@ -285,6 +339,8 @@ def from_hf_dict(d: dict[str, Any], source: str = "config") -> Qwen2VLConfig:
         text_kw["rope_theta"] = rope["rope_theta"]
     # The reference hard-wires [16, 24, 24] when the section is missing.
     text_kw["mrope_section"] = tuple(rope.get("mrope_section", (16, 24, 24)))
+    if fam.text_from_hf is not None:
+        text_kw.update(fam.text_from_hf({**d, **nested}, rope))
     vision_kw = fam.vision_from_hf(dict(d.get("vision_config") or {}))
     tok_src = {**d, **{k: v for k, v in nested.items() if k in _TOKEN_KEYS}}
     tok_kw = {k: tok_src[k] for k in _TOKEN_KEYS if isinstance(tok_src.get(k), int)}
@@ -330,4 +386,4 @@ def to_hf_dict(c: Qwen2VLConfig) -> dict[str, Any]:
         **{k: getattr(c, k) for k in _TOKEN_KEYS},
         "vision_config": fam.vision_to_hf(c.vision),
     }
-    return d
+    return fam.to_hf(c, d) if fam.to_hf is not None else d

@@ -264,11 +264,12 @@ def _set(tree, path, value):
 def hf_tensors(params, config: Qwen2VLConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(hf name, torch-layout numpy array) pairs, one tensor at a time (on-disk legacy names)."""
     flat = _flatten(params)
+    disk = config.family.disk_name
     for ours, (hf, n, fn, shape) in param_map(config).items():
         arr = np.asarray(jax.device_get(flat[ours]))
         for i in range(n or 1):
             a = fn.inverse(arr[i] if n else arr, shape)
-            yield (hf.format(i=i) if n else hf), np.ascontiguousarray(a)
+            yield disk(hf.format(i=i) if n else hf), np.ascontiguousarray(a)
 
 
 def save_processing(config: Qwen2VLConfig, path: str, processor=None, generation=None) -> None:
@@ -300,7 +301,7 @@ def save_params(params, config: Qwen2VLConfig, path: str, max_shard_bytes: int =
     specs = []
     for ours, (hf, n, _, shape) in param_map(config).items():
         dtype = np.dtype(flat[ours].dtype)
-        specs += [(hf.format(i=i) if n else hf, tuple(shape), dtype) for i in range(n or 1)]
+        specs += [(config.family.disk_name(hf.format(i=i) if n else hf), tuple(shape), dtype) for i in range(n or 1)]
     shards: list[list] = [[]]
     size = total = 0
     for spec in specs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen2vl_jax.positions import (_as_grid, merged_token_count, rope_index, vision_patch_positions,
+from qwen2vl_jax.positions import (_as_grid, frame_spans, merged_token_count, rope_index, vision_patch_positions,
                                    vision_patch_segments, vision_window_index, window_patch_order)
 
 
@@ -40,7 +40,7 @@ def batch_from_hf(config, input_ids, attention_mask=None, pixel_values=None, ima
         ids = ids[None]
     b, l = ids.shape
     mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, l)
-    img_grids, vid_grids = _as_grid(image_grid_thw), _as_grid(video_grid_thw)
+    img_grids, vid_grids = _as_grid(image_grid_thw), frame_spans(config, video_grid_thw)
     m = config.vision.spatial_merge_size
     _check_vocab(config, ids, mask)
     _check_counts(config, ids, mask, img_grids, vid_grids)

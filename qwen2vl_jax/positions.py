@@ -29,13 +29,16 @@ def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, atte
     video at `k * second_per_grid_t * tokens_per_second` (`second_per_grid_ts`: one entry per video, default
     1.0) and every image patch at time 0. As transformers 4.57, `second_per_grid_t` is truncated to an integer
     before the product (0.5 s, i.e. 4 fps with 2-frame patches, gives time 0 throughout).
+
+    A family that writes video time as text (Qwen3-VL) has one span per temporal patch, each at time 0
+    (`frame_spans`); pass its `video_grid_thw` per video, as the processor gives it.
     """
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     B, L = ids.shape
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).reshape(B, L).astype(bool)
-    images, videos = _as_grid(image_grid_thw), _as_grid(video_grid_thw)
+    images, videos = _as_grid(image_grid_thw), frame_spans(config, video_grid_thw)
     if len(images) == 0 and len(videos) == 0:
         pos = np.cumsum(mask, axis=-1) - 1
         pos = np.where(mask, pos, 1)
@@ -94,6 +97,18 @@ def rope_index(config, input_ids, image_grid_thw=None, video_grid_thw=None, atte
         positions[:, b, mask[b]] = pos
         deltas[b] = (pos.max() + 1 if pos.size else 0) - L
     return positions.astype(np.int32), deltas.astype(np.int32)
+
+
+def frame_spans(config, video_grid_thw) -> np.ndarray:
+    """Video grids as the vision spans in the text: for a family whose videos carry their time as text
+    (Qwen3-VL), each temporal step of a video is its own span, so a (t, h, w) video becomes t grids (1, h, w);
+    other families keep one span per video."""
+    grids = _as_grid(video_grid_thw)
+    if not config.family.video_frame_spans or not len(grids):
+        return grids
+    out = np.repeat(grids, grids[:, 0], axis=0)
+    out[:, 0] = 1
+    return out
 
 
 def _find(tokens: np.ndarray, value: int, start: int) -> int:

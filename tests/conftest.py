@@ -36,6 +36,20 @@ def hf_checkpoints_2_5(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_checkpoints_3(tmp_path_factory):
+    """name -> (our config, HF torch model, checkpoint dir) for the tiny Qwen3-VL reference shapes."""
+    import hf_models
+    out = {}
+    for name, make in hf_models.CONFIGS_3.items():
+        cfg = make()
+        model = hf_models.build_hf_3(cfg, seed=20 + len(out))
+        path = str(tmp_path_factory.mktemp(f"hf3_{name}"))
+        model.save_pretrained(path)
+        out[name] = (cfg, model, path)
+    return out
+
+
+@pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """A running GCS emulator (tests/gcs.py) that this process and its subprocesses use for gs:// paths. A
     missing binary fails the tests that need it: the cloud paths are part of what the project ships."""

@@ -139,3 +139,74 @@ def cases_2_5(cfg):
                                     image_grid_thw=[gi], pixel_values_videos=pixels([gv], 10), video_grid_thw=[gv],
                                     second_per_grid_ts=np.asarray([1.0]))
     return {k: {n: (np.asarray(v) if v is not None else None) for n, v in d.items()} for k, d in out.items()}
+
+
+def qwen3_config(positions: int = 16, deepstack=(1, 2), tied: bool = False, depth: int = 4,
+                 layers: int = 2) -> qconfig.Qwen2VLConfig:
+    """Tiny Qwen3-VL shapes: a learned position table of `positions` entries (16 = 4x4, smaller than the test
+    grids; 400 = 20x20, larger), DeepStack from the blocks in `deepstack`."""
+    c = qconfig.tiny_3()
+    v = qconfig.qwen3_vision(64, depth=depth, width=32, heads=4, inter=48, deepstack=deepstack, positions=positions)
+    t = qconfig.qwen3_text(64, layers, 4, 2, 128, vocab=c.text.vocab_size, head_dim=16, section=(4, 2, 2),
+                           max_pos=4096)
+    return c.replace(vision=v, text=t, tie_word_embeddings=tied)
+
+
+CONFIGS_3 = {
+    "p16_two_levels": lambda: qwen3_config(16, (1, 2)),
+    "p400_one_level_tied": lambda: qwen3_config(400, (0,), tied=True),
+    "p36_three_levels": lambda: qwen3_config(36, (0, 2, 3), layers=3),
+}
+
+
+def build_hf_3(cfg, seed: int = 0):
+    """`build_hf` for Qwen3-VL, with the learned position table drawn at unit scale so a wrong interpolation
+    shows in the outputs."""
+    model = build_hf(cfg, seed)
+    with torch.no_grad():
+        model.model.visual.pos_embed.weight.normal_()
+    return model
+
+
+def video_ids_3(cfg, grid, stamps=None) -> list[int]:
+    """A Qwen3-VL video in the text: per temporal step a timestamp (text tokens) and its own vision span."""
+    t, h, w = grid
+    out = []
+    for k in range(t):
+        out += text(3, 100 + 5 * k) if stamps is None else list(stamps[k])
+        out += [cfg.vision_start_token_id] + [cfg.video_token_id] * (h * w // 4) + [cfg.vision_end_token_id]
+    return out
+
+
+def cases_3(cfg):
+    """The Qwen3-VL cases (16 px patches, patch_dim 1536): odd merged grids, two images, a video with per-frame
+    spans and timestamps plus an image, a left-padded mixed batch, text only."""
+    dim = cfg.vision.patch_dim
+
+    def px(grids, seed):
+        n = sum(t * h * w for t, h, w in grids)
+        return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    out = {}
+    g1 = (1, 6, 10)
+    out["odd_image"] = dict(input_ids=[text(3) + vision_ids(cfg, g1) + text(4, 20)], pixel_values=px([g1], 0),
+                            image_grid_thw=[g1])
+    g2, g3 = (1, 14, 6), (1, 2, 2)
+    out["two_images"] = dict(input_ids=[text(2) + vision_ids(cfg, g2) + text(3, 30) + vision_ids(cfg, g3) + text(2, 40)],
+                             pixel_values=px([g2, g3], 1), image_grid_thw=[g2, g3])
+    gv, gi = (3, 6, 6), (1, 10, 10)
+    out["video_and_image"] = dict(
+        input_ids=[text(2) + video_ids_3(cfg, gv) + text(3, 50) + vision_ids(cfg, gi) + text(3, 60)],
+        pixel_values=px([gi], 2), image_grid_thw=[gi], pixel_values_videos=px([gv], 3), video_grid_thw=[gv])
+    gi, gv = (1, 6, 6), (2, 6, 10)
+    row_a = text(3) + vision_ids(cfg, gi) + text(3, 70)
+    row_b = text(2) + video_ids_3(cfg, gv) + text(4, 80)
+    L = max(len(row_a), len(row_b))
+    ids = np.zeros((2, L), np.int64)
+    mask = np.zeros((2, L), np.int64)
+    for r, row in enumerate((row_a, row_b)):
+        ids[r, L - len(row):] = row
+        mask[r, L - len(row):] = 1
+    out["left_padded_mixed"] = dict(input_ids=ids, attention_mask=mask, pixel_values=px([gi], 9),
+                                    image_grid_thw=[gi], pixel_values_videos=px([gv], 10), video_grid_thw=[gv])
+    out["text_only"] = dict(input_ids=[text(12, seed=5)])
+    return {k: {n: (np.asarray(v) if v is not None else None) for n, v in d.items()} for k, d in out.items()}

@@ -112,6 +112,25 @@ def test_qwen2_5_vl_save_pretrained_loads_in_transformers(tmp_path, auto_process
     assert proc.absolute_time and proc.processor_class == "Qwen2_5_VLProcessor"
 
 
+def test_qwen3_vl_save_pretrained_loads_in_transformers(tmp_path, auto_processor):
+    """A Qwen3-VL export (nested text_config, `model.visual.*` / `model.language_model.*` tensors):
+    `Qwen3VLForConditionalGeneration` and `AutoProcessor` (a `Qwen3VLProcessor`) load it, and greedy decoding
+    of an image prompt and a text prompt agrees with ours token for token."""
+    config = qconfig.tiny_3()
+    model = qv.Qwen2VL(config, random_params(Qwen2VLModule(config), seed=5))
+    path = str(tmp_path / "export3")
+    model.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    assert d["architectures"] == ["Qwen3VLForConditionalGeneration"] and d["model_type"] == "qwen3_vl"
+    assert d["text_config"]["head_dim"] == 16 and d["text_config"]["rope_scaling"]["mrope_interleaved"]
+    assert type(auto_processor(path)).__name__ == "Qwen3VLProcessor"
+    assert qv.load_pretrained(path).config == config
+    out, hf_out, proc = _greedy_both(path, auto_processor)
+    np.testing.assert_array_equal(out, hf_out)
+    assert proc.frame_timestamps and proc.processor_class == "Qwen3VLProcessor"
+
+
 def test_training_export_is_complete(tmp_path, auto_processor):
     """The export the training loop writes (the run's processor and image settings) reads back the same in
     transformers and here, on an ordinary 1000x700 picture."""

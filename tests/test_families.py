@@ -26,6 +26,13 @@ def test_qwen2_5_vl_presets_have_the_released_sizes(name):
     assert sum(int(np.prod(s.shape)) for s in _shapes(cfg).values()) == RELEASED[name]
 
 
+def test_qwen3_vl_8b_preset_has_the_released_size():
+    """Qwen3-VL-8B-Instruct holds 8,767,123,696 parameters (27-block ViT of width 1152 with 3 DeepStack
+    mergers, 36-layer Qwen3 LLM of width 4096, untied head)."""
+    shapes = _shapes(C.preset("qwen3_vl-8b"))
+    assert sum(int(np.prod(v.shape)) for v in shapes.values()) == 8_767_123_696
+
+
 @pytest.mark.parametrize("name", sorted(C.PRESETS))
 def test_hf_table_covers_every_param(name):
     cfg = C.preset(name)
@@ -40,7 +47,8 @@ def test_hf_table_covers_every_param(name):
             np.testing.assert_array_equal(to_ours.inverse(to_ours(x), hf_shape), x)
 
 
-@pytest.mark.parametrize("name", ["tiny", "7b", "qwen2_5_vl-tiny", "qwen2_5_vl-7b", "qwen2_5_vl-3b"])
+@pytest.mark.parametrize("name", ["tiny", "7b", "qwen2_5_vl-tiny", "qwen2_5_vl-7b", "qwen2_5_vl-3b",
+                                  "qwen3_vl-tiny", "qwen3_vl-4b", "qwen3_vl-8b"])
 def test_config_round_trips_through_transformers(name):
     import transformers
     cfg = C.preset(name)

@@ -105,10 +105,11 @@ def test_misshaped_tensor_is_named(hf_checkpoints, tmp_path):
 def test_unknown_model_type(hf_checkpoints, tmp_path):
     _, _, path = hf_checkpoints["tiny"]
     d = _copy_ckpt(path, tmp_path)
-    d["model_type"] = "qwen3_vl"
+    d["model_type"] = "qwen3_vl_moe"
     _write_config(tmp_path, d)
-    with pytest.raises(qv.ConfigError, match=r"model_type 'qwen3_vl' is not supported; supported: "
-                                             r"'qwen2_5_vl' \(Qwen2.5-VL\), 'qwen2_vl' \(Qwen2-VL\)"):
+    with pytest.raises(qv.ConfigError, match=r"model_type 'qwen3_vl_moe' is not supported; supported: "
+                                             r"'qwen2_5_vl' \(Qwen2.5-VL\), 'qwen2_vl' \(Qwen2-VL\), "
+                                             r"'qwen3_vl' \(Qwen3-VL\)"):
         qv.load_pretrained(str(tmp_path))
 
 

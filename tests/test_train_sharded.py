@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow   # an 8-device subprocess compiling three programs: ~1-2 min on 2 cores
-@pytest.mark.parametrize("model", ["tiny_config()", "C.tiny_2_5()"], ids=["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model", ["tiny_config()", "C.tiny_2_5()", "C.tiny_3()"], ids=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_sharded_step_equals_single_device(model):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), model=model)

@@ -21,8 +21,9 @@ def tiny_config():
 
 
 def examples(cfg, n: int, seed: int = 0) -> list[dict]:
-    """`n` one-image VQA examples (a 56x56 image of one colour, the answer its name), processor-encoded."""
-    proc = Processor.from_config(cfg)
+    """`n` one-image VQA examples (a 56x56 image of one colour, the answer its name), processor-encoded (at
+    its own size: the 56x56 px floor of Qwen2-VL, which Qwen3-VL's larger default would raise to 256x256)."""
+    proc = Processor.from_config(cfg, image_min_pixels=56 * 56)
     rng = np.random.default_rng(seed)
     rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
     out = []

@@ -193,7 +193,8 @@ def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, temporal_patch_si
 def preprocess_image(image, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
                      *, resized_height: int | None = None, resized_width: int | None = None,
                      patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
-                     temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+                     temporal_patch_size: int = TEMPORAL_PATCH_SIZE, mean=OPENAI_CLIP_MEAN,
+                     std=OPENAI_CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
     """One image -> `pixel_values` (h*w, 1176) float32 and `grid_thw` [[1, h, w]] int64, equal to the reference
     PIL-path processor (transformers 4.57 `Qwen2VLImageProcessor`) for RGB input.
 
@@ -210,7 +211,7 @@ def preprocess_image(image, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int 
         if isinstance(image, (str, os.PathLike)):  # name the file; smart_resize only knows the size
             raise ValueError(f"{describe(image)}: {e}") from None
         raise
-    frames = normalize(resize_frames([pil], h, w))
+    frames = normalize(resize_frames([pil], h, w), mean, std)
     return patchify(frames, patch_size, temporal_patch_size, merge_size)
 
 

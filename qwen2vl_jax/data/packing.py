@@ -25,7 +25,7 @@ import numpy as np
 
 from qwen2vl_jax import schema
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.positions import rope_index, vision_patch_positions, vision_window_index, window_patch_order
+from qwen2vl_jax.positions import frame_spans, rope_index, vision_patch_positions, vision_window_index, window_patch_order
 
 Bucket = tuple[int, int]   # (L text tokens, P vision patches) per row
 
@@ -176,6 +176,8 @@ def prepare_example(example: Mapping[str, Any], config: Qwen2VLConfig | None = N
             raise PackingError(f"{source}: labels has {len(labels)} entries for {len(ids)} input_ids")
     img_grid = _array(example, "image_grid_thw", np.int64, (3,))
     vid_grid = _array(example, "video_grid_thw", np.int64, (3,))
+    if vid_grid is not None:   # one span per frame for a family that writes each frame's time as text
+        vid_grid = frame_spans(config, vid_grid)
     patch_dim = config.vision.patch_dim
     pix = {"image": _array(example, "pixel_values", np.float32, (patch_dim,)),
            "video": _array(example, "pixel_values_videos", np.float32, (patch_dim,))}

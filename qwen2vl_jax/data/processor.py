@@ -168,6 +168,12 @@ def _byte_chars() -> list[str]:
 
 
 ABSOLUTE_TIME_PROCESSOR = "Qwen2_5_VLProcessor"
+# Qwen3-VL's processor: mean/std 0.5, 16 px patches, and videos written as one `<t seconds>` span per temporal
+# patch (the time of the frames it merges, from the video's sampled frame indices and fps).
+FRAME_TIMESTAMP_PROCESSOR = "Qwen3VLProcessor"
+HALF = (0.5, 0.5, 0.5)
+QWEN3_IMAGE_MIN_PIXELS, QWEN3_IMAGE_MAX_PIXELS = 65536, 16777216   # the released preprocessor_config "size"
+DEFAULT_VIDEO_FPS = 24.0   # the reference's assumption for frames given without their fps (it warns)
 
 
 # -- the processor ---------------------------------------------------------------------------------------------
@@ -185,7 +191,8 @@ class Processor:
                  video_total_pixels: int | None = VIDEO_TOTAL_PIXELS, video_sample_fps: float = FPS,
                  padding_side: str = "left",
                  add_vision_id: bool = False, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
-                 temporal_patch_size: int = TEMPORAL_PATCH_SIZE, absolute_time: bool = False):
+                 temporal_patch_size: int = TEMPORAL_PATCH_SIZE, absolute_time: bool = False,
+                 frame_timestamps: bool = False):
         if tokenizer.truncation or tokenizer.padding:  # the reference never truncates or pads inside a text
             tokenizer = Tokenizer.from_str(tokenizer.to_str())
             tokenizer.no_truncation()
@@ -218,6 +225,8 @@ class Processor:
         self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
         # Qwen2.5-VL's processor: videos also report `second_per_grid_ts` (temporal_patch_size / sampling fps).
         self.absolute_time = absolute_time
+        self.frame_timestamps = frame_timestamps
+        self.image_mean, self.image_std = (HALF, HALF) if frame_timestamps else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -234,6 +243,10 @@ class Processor:
         kwargs = dict(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                       temporal_patch_size=v.temporal_patch_size,
                       absolute_time=v.tokens_per_second is not None, **kwargs)
+        if config.family.video_frame_spans:
+            from qwen2vl_jax.data.qwen3_template import QWEN3VL_CHAT_TEMPLATE
+            kwargs = {"frame_timestamps": True, "chat_template": QWEN3VL_CHAT_TEMPLATE,
+                      "image_min_pixels": QWEN3_IMAGE_MIN_PIXELS, "image_max_pixels": QWEN3_IMAGE_MAX_PIXELS, **kwargs}
         if tokenizer is None:
             proc = cls._from_json(byte_tokenizer_json(config), **kwargs)
         else:
@@ -283,6 +296,7 @@ class Processor:
                 settings[key] = int(image[key])
         settings["chat_template"] = _read_chat_template(path)
         settings["absolute_time"] = image.get("processor_class") == ABSOLUTE_TIME_PROCESSOR
+        settings["frame_timestamps"] = image.get("processor_class") == FRAME_TIMESTAMP_PROCESSOR
         settings.update(kwargs)
         return cls._from_json(storage.read_text(file), **settings)
 
@@ -316,7 +330,7 @@ class Processor:
         }
         image = {
             "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-            "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
             "image_processor_type": "Qwen2VLImageProcessor", "processor_class": self.processor_class,
             "min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels,
             "size": {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels},
@@ -378,7 +392,8 @@ class Processor:
     # -- HF-compatible call ------------------------------------------------------------------------------------
 
     def __call__(self, text, images=None, videos=None, *, padding_side: str | None = None,
-                 images_kwargs: dict | None = None, videos_kwargs: dict | None = None) -> dict:
+                 images_kwargs: dict | None = None, videos_kwargs: dict | None = None,
+                 video_metadata: list[dict] | None = None) -> dict:
         """`input_ids`, `attention_mask` (B, L) int32, padded on `padding_side` with <|endoftext|>; with images
         `pixel_values` (N, 1176) float32 and `image_grid_thw` (n, 3) int64, with videos `pixel_values_videos`
         and `video_grid_thw`. Images and videos are consumed in text order across the batch, as HF does."""
@@ -389,17 +404,18 @@ class Processor:
         image_grids = video_grids = np.zeros((0, 3), np.int64)
         if images:
             kw = {"min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels, **(images_kwargs or {})}
-            out["pixel_values"], out["image_grid_thw"] = self._concat(
-                [preprocess_image(im, **kw, **self._patching()) for im in images])
+            out["pixel_values"], out["image_grid_thw"] = self._concat([self._image(im, **kw) for im in images])
             image_grids = out["image_grid_thw"]
         if videos:
             out["pixel_values_videos"], out["video_grid_thw"] = self._concat(
-                [preprocess_video(v, **self._video_kwargs(v, videos_kwargs or {}), **self._patching())
-                 for v in videos])
+                [self._video(v, **self._video_kwargs(v, videos_kwargs or {})) for v in videos])
             fps = (videos_kwargs or {}).get("fps") or self.video_sample_fps
             video_grids = out["video_grid_thw"]
             if self.absolute_time:
                 out["second_per_grid_ts"] = np.broadcast_to(self._seconds(fps), (len(videos),)).copy()
+        if self.frame_timestamps and len(video_grids):   # `video_metadata`: per video {"fps", "frames_indices"}
+            texts = self._timestamped(texts, video_grids, video_metadata)
+            video_grids = np.repeat(video_grids, video_grids[:, 0], axis=0) * [0, 1, 1] + [1, 0, 0]
         rows = [np.asarray(e.ids, np.int32) for e in self.tokenizer.encode_batch(texts)]
         image_tokens, video_tokens = self._vision_tokens(image_grids), self._vision_tokens(video_grids)
         reps = self._expand(np.concatenate(rows) if rows else np.zeros(0, np.int32), image_tokens, video_tokens)
@@ -424,6 +440,8 @@ class Processor:
     @property
     def processor_class(self) -> str:
         """The transformers processor class these settings are (written to the checkpoint's files)."""
+        if self.frame_timestamps:
+            return FRAME_TIMESTAMP_PROCESSOR
         return ABSOLUTE_TIME_PROCESSOR if self.absolute_time else "Qwen2VLProcessor"
 
     def _seconds(self, fps) -> np.ndarray:
@@ -433,6 +451,56 @@ class Processor:
     def _patching(self) -> dict:
         return dict(patch_size=self.patch_size, merge_size=self.merge_size,
                     temporal_patch_size=self.temporal_patch_size)
+
+    def _image(self, image, **kw):
+        return preprocess_image(image, **kw, **self._patching(), mean=self.image_mean, std=self.image_std)
+
+    def _video(self, video, **kw):
+        pixels, grid = preprocess_video(video, **kw, **self._patching())
+        if self.image_mean != OPENAI_CLIP_MEAN:   # the video reader normalises with the CLIP values: redo it
+            c = 3
+            cols = np.arange(pixels.shape[1]) // (pixels.shape[1] // c)
+            clip_m, clip_s = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
+            raw = pixels * clip_s[cols] + clip_m[cols]
+            pixels = ((raw - np.asarray(self.image_mean, np.float32)[cols])
+                      / np.asarray(self.image_std, np.float32)[cols]).astype(np.float32)
+        return pixels, grid
+
+    def frame_times(self, frames_indices, fps: float | None) -> list[float]:
+        """Seconds of each temporal patch of a video: the mean time of its first and last frame (the frame list
+        padded with its last index to whole patches), as Qwen3-VL's processor computes them."""
+        fps = DEFAULT_VIDEO_FPS if fps is None else float(fps)
+        idx = [int(i) for i in np.asarray(frames_indices).reshape(-1)]
+        m = self.merge_size
+        if len(idx) % m:
+            idx += [idx[-1]] * (m - len(idx) % m)
+        t = [i / fps for i in idx]
+        return [(t[i] + t[i + m - 1]) / 2 for i in range(0, len(t), m)]
+
+    def _timestamped(self, texts: list[str], video_grids, metadata, where: str = "") -> list[str]:
+        """Each video placeholder `<|vision_start|><|video_pad|><|vision_end|>` (in text order across `texts`)
+        rewritten as one `<t seconds><|vision_start|><|video_pad|><|vision_end|>` per temporal patch."""
+        span = "<|vision_start|><|video_pad|><|vision_end|>"
+        out, k = [], 0
+        for text in texts:
+            parts = text.split(span)
+            pieces = [parts[0]]
+            for rest in parts[1:]:
+                if k >= len(video_grids):
+                    raise ValueError(f"{where}more video placeholders in the text than videos ({len(video_grids)})")
+                meta = metadata[k] if metadata is not None and k < len(metadata) and metadata[k] else {}
+                t = int(video_grids[k][0])
+                indices = meta.get("frames_indices")
+                if indices is None:
+                    indices = np.arange(t * self.temporal_patch_size)
+                times = self.frame_times(indices, meta.get("fps"))
+                if len(times) != t:
+                    raise ValueError(f"{where}video {k + 1}: frames_indices give {len(times)} temporal patches "
+                                     f"but the video has {t}; pass the indices of the frames given")
+                pieces.append("".join(f"<{s:.1f} seconds>{span}" for s in times) + rest)
+                k += 1
+            out.append("".join(pieces))
+        return out
 
     @staticmethod
     def _concat(results) -> tuple[np.ndarray, np.ndarray]:
@@ -470,9 +538,15 @@ class Processor:
             text = self.apply_chat_template(canonical, add_generation_prompt)
             pixels, image_grids = self._encode_items(canonical, "image")
             pixels_videos, video_grids = self._encode_items(canonical, "video")
+            spans = video_grids
+            if self.frame_timestamps and len(video_grids):   # items may carry "fps" and "frames_indices"
+                items = [it for m in canonical for it in m["content"] if it["type"] == "video"]
+                meta = [{"fps": it.get("video_fps"), "frames_indices": it.get("frames_indices")} for it in items]
+                text = self._timestamped([text], video_grids, meta, "the chat template produced ")[0]
+                spans = np.repeat(video_grids, video_grids[:, 0], axis=0) * [0, 1, 1] + [1, 0, 0]
             enc = self.tokenizer.encode(text)
             ids = np.asarray(enc.ids, np.int32)
-            reps = self._expand(ids, self._vision_tokens(image_grids), self._vision_tokens(video_grids),
+            reps = self._expand(ids, self._vision_tokens(image_grids), self._vision_tokens(spans),
                                 "the chat template produced ")
         except DataError:
             raise
@@ -508,8 +582,7 @@ class Processor:
                     kw = {key: item[key] for key in IMAGE_KEYS if key in item}
                     kw.setdefault("min_pixels", self.image_min_pixels)
                     kw.setdefault("max_pixels", self.image_max_pixels)
-                    results.append(preprocess_image(fetched.get(_key(item["image"]), item["image"]), **kw,
-                                                    **self._patching()))
+                    results.append(self._image(fetched.get(_key(item["image"]), item["image"]), **kw))
                 else:
                     kw = {key: item[key] for key in VIDEO_KEYS if key in item}
                     # qwen-vl-utils 0.0.14: an item's max_pixels can only lower the per-frame budget.
@@ -521,7 +594,7 @@ class Processor:
                     kw = self._video_kwargs(video, kw)
                     if isinstance(video, (list, tuple)):   # frames: fetched ones as bytes
                         video = [fetched.get(_key(f), f) for f in video]
-                    results.append(preprocess_video(video, **kw, **self._patching()))
+                    results.append(self._video(video, **kw))
             except ValueError as e:
                 name = describe(item[kind])
                 raise ValueError(f"{kind} {k}{'' if name in str(e) else f' ({name})'}: {e}") from None
@@ -591,6 +664,12 @@ def _pixels(cfg: dict, min_default: int, max_default: int) -> tuple[int, int]:
 
 
 def _check_vision_settings(cfg: dict, path: str) -> None:
+    if cfg.get("processor_class") == FRAME_TIMESTAMP_PROCESSOR:
+        for key in ("image_mean", "image_std"):
+            if key in cfg and not np.allclose(cfg[key], HALF, rtol=0, atol=1e-8):
+                raise ValueError(f"{path}/preprocessor_config.json: {key} {cfg[key]} differs from the values "
+                                 f"{list(HALF)} that Qwen3-VL uses; this processor supports only those")
+        return
     for key, expected in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
         if key in cfg and not np.allclose(cfg[key], expected, rtol=0, atol=1e-8):
             raise ValueError(f"{path}/preprocessor_config.json: {key} {cfg[key]} differs from the CLIP values "

@@ -26,6 +26,14 @@ class Family:
     vision_table: Callable[[Any], list]      # VisionConfig -> [(our path, hf name, per-layer count, to_ours, hf shape)]
     text_table: Callable[[Any], list]        # model config -> the same rows for the LLM and its head
     grounding: str                           # how the family's boxes are written (docs)
+    # Extra TextConfig keyword arguments from the merged (root + text_config) HF dict and its rope dict.
+    text_from_hf: Callable[[dict, dict], dict] | None = None
+    # The config.json to write, from the model config and the flat legacy dict (a family that nests).
+    to_hf: Callable[[Any, dict], dict] | None = None
+    # Tensor name on disk for an exported checkpoint, from the legacy name of the key tables.
+    disk_name: Callable[[str], str] = lambda name: name
+    # Each temporal step of a video is its own vision span (with a text timestamp before it).
+    video_frame_spans: bool = False
     # Trainable parts: part -> path prefixes in the params tree; the longest matching prefix wins.
     parts: tuple[tuple[str, tuple[Path, ...]], ...] = (
         ("vit", (("visual",),)),
@@ -70,4 +78,4 @@ def supported() -> tuple[str, ...]:
 
 def _load():
     if not _FAMILIES:
-        from qwen2vl_jax.families import qwen2_5_vl, qwen2_vl   # noqa: F401  (each registers itself)
+        from qwen2vl_jax.families import qwen2_5_vl, qwen2_vl, qwen3_vl   # noqa: F401  (each registers itself)

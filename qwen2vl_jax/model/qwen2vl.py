@@ -28,14 +28,21 @@ class Qwen2VLModule(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
                                   attn_impl=self.attn_impl)
         self.visual = VisionTower(c.vision, **kw)
-        self.model = TextModel(c.text, **kw)
+        self.model = TextModel(c.text, deepstack=len(c.vision.deepstack_visual_indexes), **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head",
                                  dtype=self.dtype, param_dtype=self.param_dtype)
 
     def encode_vision(self, patches, patch_segment_ids, patch_positions, patch_window_ids=None):
         """(B, P, patch_dim) -> merged vision tokens (B, P/merge_unit, D)."""
-        return self.visual(patches, patch_segment_ids, patch_positions, patch_window_ids)
+        out = self.visual(patches, patch_segment_ids, patch_positions, patch_window_ids)
+        return out[0] if self.config.vision.deepstack_visual_indexes else out
+
+    def encode_vision_deepstack(self, patches, patch_segment_ids, patch_positions, patch_window_ids=None):
+        """Merged vision tokens (B, P/merge_unit, D) and the DeepStack features (levels, B, P/merge_unit, D),
+        None for a family without DeepStack."""
+        out = self.visual(patches, patch_segment_ids, patch_positions, patch_window_ids)
+        return out if self.config.vision.deepstack_visual_indexes else (out, None)
 
     def embed(self, input_ids, vision_tokens=None, vision_index=None):
         """Token embeddings with merged vision tokens written where `vision_index >= 0` (the reference's order)."""
@@ -53,15 +60,21 @@ class Qwen2VLModule(nn.Module):
 
     def hidden(self, batch, cache=None, kv_segment_ids=None, cache_index=None):
         """Final hidden states (B, L, D) of a packed batch (and the updated cache when one is given)."""
-        vision = None
+        vision = deepstack = None
         if batch.get("patches") is not None:
-            vision = self.encode_vision(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"],
-                                        batch.get("patch_window_ids"))
+            vision, deepstack = self.encode_vision_deepstack(
+                batch["patches"], batch["patch_segment_ids"], batch["patch_positions"], batch.get("patch_window_ids"))
         x = self.embed(batch["input_ids"], vision, batch.get("vision_index"))
         # Padding slots (segment 0) enter as zeros whatever their ids: an id outside the vocabulary embeds to
         # NaN, and masked attention weighs a padded key by an exact 0, which 0 * NaN would still poison.
         x = jnp.where((batch["segment_ids"] != 0)[..., None], x, 0)
-        return self.model(x, batch["positions"], batch["segment_ids"], cache, kv_segment_ids, cache_index)
+        if deepstack is not None:   # each level at the text positions of its merged tokens, zero elsewhere
+            at = batch["vision_index"]
+            gathered = jnp.take_along_axis(deepstack.astype(x.dtype), jnp.maximum(at, 0)[None, ..., None], axis=2)
+            keep = ((at >= 0) & (batch["segment_ids"] != 0))[None, ..., None]
+            deepstack = jnp.where(keep, gathered, 0)
+        return self.model(x, batch["positions"], batch["segment_ids"], cache, kv_segment_ids, cache_index,
+                          deepstack)
 
     def __call__(self, batch, cache=None, kv_segment_ids=None, cache_index=None):
         """Logits (B, L, vocab) of a packed batch; with a cache also returns the updated cache."""

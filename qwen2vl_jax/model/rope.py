@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def inv_freq(dim: int, theta: float):
@@ -40,16 +41,32 @@ def apply_vision_rotary(x, cos, sin):
     return (x32 * c + rotate_half(x32) * s).astype(x.dtype)
 
 
-def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype):
+def mrope_streams(head_dim: int, mrope_section, interleaved: bool = False) -> np.ndarray:
+    """The position stream (0 = t, 1 = h, 2 = w) of each rotary pair. Chunked: t for i < s0, h for
+    i < s0+s1, w after. Interleaved (Qwen3-VL): pair i is h when i % 3 == 1 and i < 3*s1, w when i % 3 == 2
+    and i < 3*s2, t otherwise."""
+    i = np.arange(head_dim // 2)
+    if interleaved:
+        s = mrope_section
+        return np.where((i % 3 == 1) & (i < 3 * s[1]), 1, np.where((i % 3 == 2) & (i < 3 * s[2]), 2, 0))
+    bounds = np.asarray(list(itertools.accumulate(mrope_section)))
+    return np.minimum(np.searchsorted(bounds, i, side="right"), 2)
+
+
+def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype, interleaved: bool = False):
     """positions (3, B, L) t/h/w -> cos, sin (B, L, head_dim) in the activation dtype.
 
-    Rotary pair i takes its angle from stream t for i < s0, h for i < s0+s1, w after;
-    the duplicated second half uses the same mapping.
+    Rotary pair i takes its angle from the stream `mrope_streams` gives it; the duplicated second half uses
+    the same mapping.
     """
     f = inv_freq(head_dim, theta)                                        # (head_dim/2,)
     ang = positions.astype(jnp.float32)[..., None] * f                   # (3, B, L, head_dim/2)
-    bounds = [0, *itertools.accumulate(mrope_section)]
-    ang = jnp.concatenate([ang[i, ..., bounds[i]:bounds[i + 1]] for i in range(3)], axis=-1)
+    if interleaved:
+        streams = jnp.asarray(mrope_streams(head_dim, mrope_section, True))
+        ang = jnp.where(streams == 0, ang[0], jnp.where(streams == 1, ang[1], ang[2]))
+    else:
+        bounds = [0, *itertools.accumulate(mrope_section)]
+        ang = jnp.concatenate([ang[i, ..., bounds[i]:bounds[i + 1]] for i in range(3)], axis=-1)
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 
