@@ -100,6 +100,31 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+# -- the step a run builds ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Built:
+    module: Qwen2VLModule
+    tx: Any
+    parts: tuple
+    shardings: Any       # TrainState of NamedShardings
+    step_fn: StepFn
+
+
+def build(cfg: RunConfig, config: Qwen2VLConfig, mesh) -> Built:
+    """The module, optimizer, state shardings and jitted step of a run (`cfg.dtype` resolved): what `run`
+    trains with and what `compile_for` compiles for a TPU slice, so the two cannot drift apart."""
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
+    parts = trainable_parts(cfg)
+    tx = optim.make_optimizer(cfg.optim, parts)
+    schedules = optim.schedules(cfg.optim, parts)
+    shardings = state_shardings(module, tx, parts, mesh)
+    step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
+                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
+    return Built(module, tx, parts, shardings, step_fn)
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig, data: Any = None) -> dict:
@@ -129,12 +154,8 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
 
     # -- model and optimizer
     cfg = resolve_dtype(cfg)
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
-    parts = trainable_parts(cfg)
-    tx = optim.make_optimizer(cfg.optim, parts)
-    schedules = optim.schedules(cfg.optim, parts)
-    shardings = state_shardings(module, tx, parts, mesh)
+    built = build(cfg, config, mesh)
+    module, tx, parts, shardings, step_fn = built.module, built.tx, built.parts, built.shardings, built.step_fn
 
     # -- checkpoints: resume from the workdir, or start
     storage.makedirs(cfg.workdir)
@@ -169,8 +190,6 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
         f"({', '.join(parts)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
 
-    step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
-                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
     peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
     run_record = {**cfg.to_dict(), "trainable_parts": list(parts)}
 
