@@ -107,3 +107,33 @@ def test_compile_for_does_not_fit_is_one_line_and_exit_2(monkeypatch, capsys):
     assert result["fits"] is False and result["topology"] == "v5p:2x2x1" and result["hbm_gib"] == 0.0
     line = [s for s in err.strip().splitlines() if s.startswith("train.py:")]
     assert len(line) == 1 and "does not fit" in line[0] and "remat=full" in line[0], err
+
+
+@needs_libtpu
+def test_heads_split_over_the_tensor_axis_in_the_compiled_step():
+    """8 chips, fsdp 2 x tensor 4, LLM of 8 query / 4 kv heads: inside shard_map each chip's splash kernels
+    take heads / tensor (2 query heads, 1 kv head), and no all-gather rebuilds q, k or v across chips."""
+    import dataclasses
+    import re
+    from qwen2vl_jax import config as C, sharding
+    from qwen2vl_jax.train import loop
+    from qwen2vl_jax.train.state import abstract_state
+
+    t = C.tiny()
+    config = dataclasses.replace(t, text=dataclasses.replace(t.text, num_attention_heads=8, num_key_value_heads=4,
+                                                            mrope_section=(1, 1, 2)))
+    cfg = aot.for_tpu(load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4",
+                                  "dtype=bfloat16", "attn_impl=splash"]))
+    mesh = sharding.make_mesh(1, 2, 4, devices=aot.tpu_devices(aot.parse_slice("v5p:2x2x2")))
+    built = loop.build(cfg, config, mesh)
+    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
+    batch = aot.abstract_batch(config, 2, 1, 512, 0, built.step_fn)   # text rows only: the LLM's attention
+    hlo = built.step_fn.lower(state, batch).compile().as_text()
+    hd = config.text.head_dim
+    kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
+    outs = {name: re.search(r"bf16\[(\d+),512,%d\]" % hd, line).group(1)
+            for line in kernels for name in ("fwd", "dq", "dkv") if f"splash_mha_{name}" in line}
+    assert outs == {"fwd": "2", "dq": "2", "dkv": "1"}, outs   # heads / tensor: 8 / 4 query, 4 / 4 kv
+    gathers = [l for l in hlo.splitlines() if re.search(r"= \S+ all-gather(-start)?\(", l)]
+    qkv_like = re.compile(r"bf16\[1,512,(\d+,%d|%d|%d)\]" % (hd, 8 * hd, 4 * hd))
+    assert gathers and not [g for g in gathers if qkv_like.search(g.split("all-gather")[0])]

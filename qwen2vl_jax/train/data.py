@@ -82,6 +82,7 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
     log(report.describe())
     if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
         _within_budget(report.problems, cfg.data.skip_budget, log)
+        _within_segment_bound(report.sizes, cfg.max_segment_len)
     if not auto:
         return cfg
     buckets = auto_buckets(_global_sizes(report.sizes), sampled=report.sampled or jax.process_count() > 1)
@@ -115,6 +116,17 @@ def _within_budget(problems: list, budget: int, log) -> None:
                         f"up to N bad records with data.skip_budget=N (now {budget})")
     for source, reason in problems:
         log(f"  will skip {source}: {reason}")
+
+
+def _within_segment_bound(sizes: np.ndarray, bound: int) -> None:
+    """`max_segment_len` promises the attention kernels that no example is longer; the checked ones must keep it
+    (a longer one would still train correctly, on a wider, slower grid, so the promise is checked up front)."""
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    if bound and len(sizes) and sizes[:, 0].max() > bound:
+        over = int((sizes[:, 0] > bound).sum())
+        raise DataError(f"max_segment_len={bound}: {over} checked example{'s' * (over > 1)} {'are' if over > 1 else 'is'} "
+                        f"longer (the longest has {int(sizes[:, 0].max())} text tokens); raise max_segment_len to "
+                        "that, or set it to 0 (unknown)")
 
 
 def auto_buckets(sizes: np.ndarray, sampled: bool) -> tuple:

@@ -121,7 +121,7 @@ def build(cfg: RunConfig, config: Qwen2VLConfig, mesh) -> Built:
     schedules = optim.schedules(cfg.optim, parts)
     shardings = state_shardings(module, tx, parts, mesh)
     step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
-                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
+                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk, max_segment_len=cfg.max_segment_len)
     return Built(module, tx, parts, shardings, step_fn)
 
 
