@@ -100,6 +100,15 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _last_checkpoint(workdir: str) -> str:
+    try:
+        return f"the last committed checkpoint is intact: {checkpoint.step_dir(workdir)}"
+    except FileNotFoundError:
+        return f"no checkpoint was committed in {workdir}"
+    except Exception as e:   # the watcher must say something even when the workdir cannot be read
+        return f"the checkpoints in {workdir} could not be listed ({type(e).__name__})"
+
+
 # -- the step a run builds ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -138,6 +147,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
 
     # -- devices and mesh
     sharding.initialize_distributed()   # before anything touches a device
+    watch = sharding.HostWatch(lambda: _last_checkpoint(cfg.workdir))   # a lost host ends the others, in one line
     if cfg.compile_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
     main = jax.process_index() == 0
@@ -293,6 +303,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                              generation=data_lib.generation(cfg))
         log(f"exported the HF checkpoint to {out}")
     ckpts.close()
+    watch.done()
     losses = [l for _, l in summary.pop("losses")]
     summary.update(end_step=step, wall_time=time.perf_counter() - t_start,
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
