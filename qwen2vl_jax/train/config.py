@@ -72,7 +72,7 @@ class InitConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "tiny"                    # a preset (tiny, 2b, 7b, 72b) or an HF dir / config.json
+    model: str = "tiny"                    # a preset (tiny, small, 2b, 7b, 72b) or an HF dir / config.json
     workdir: str = "runs/demo"             # checkpoints, metrics.jsonl, TensorBoard events, export
     steps: int = 300                       # stop after this optimizer step
     seed: int = 0                          # params init, data order, step RNG
