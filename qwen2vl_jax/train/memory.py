@@ -1,4 +1,7 @@
-"""Per-chip memory of a training run, estimated from the run config alone (nothing is allocated).
+"""Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
+is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
+one to plan with: this estimate matches it within 1% where the ViT is frozen and runs 20-30% low where the
+ViT trains (docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
 
@@ -8,14 +11,14 @@ Counts, per chip:
   per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
   micro-batch's gradient);
-- activations: what the backward pass keeps across the scanned layers under the remat policy (the layer
-  inputs always; with `dots_no_batch` also every weight matmul's output; with `dots` also the attention
-  einsums; with `none` everything), for this chip's rows, divided by `tensor` where a tensor is split over
-  heads / MLP / vocab; nothing for a frozen ViT, which no gradient reaches;
+- batch: this chip's rows of the stacked batch;
+- activations: what the backward pass keeps across the scanned layers under the remat policy, from the
+  model's own matmuls (matmuls.py): the layer inputs with `full`; every weight matmul's output with
+  `dots_no_batch` (and the attention output with `dots`); everything with `none`; for this chip's rows, each
+  width split where its param's output axis maps onto `tensor`; nothing for a frozen ViT;
 - transient: the largest single-layer working set while one layer's backward runs (its activations and
-  their gradients, the dense L x L attention scores when attention is the `xla` kind, or one chunk of
-  logits) plus one layer's weights gathered in the compute dtype (FSDP).
-XLA's own workspace and fragmentation come on top: keep 10-15% of the chip free.
+  their gradients, the dense L x L attention scores when attention is the `xla` kind, one layer's weights
+  gathered in the compute dtype), or one chunk of logits with the gathered LM head and its gradient.
 """
 
 from __future__ import annotations
