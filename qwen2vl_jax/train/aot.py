@@ -86,6 +86,8 @@ def tpu_devices(sl: Slice) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{sl.topology.split(':')[0]}-{sl.chips}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # compile-only devices hold no chip: several processes may compile at once (libtpu locks by default)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(topology_name=sl.topology, platform="tpu").devices)
