@@ -1,6 +1,7 @@
 """Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
 is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
-one to plan with: this estimate runs 1-30% below it, most where the ViT trains under dots_no_batch (docs/memory.md).
+one to plan with: this estimate runs 1-30% below it, most where the ViT trains under dots_no_batch
+(docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
 
