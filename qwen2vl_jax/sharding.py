@@ -114,8 +114,117 @@ def initialize_distributed() -> bool:
     kw = {}
     if env.get("JAX_NUM_PROCESSES"):
         kw.update(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kw)
+    # The service's own heartbeat timeout ends every process with a C++ abort; HostWatch reports earlier.
+    jax.distributed.initialize(heartbeat_timeout_seconds=SERVICE_HEARTBEAT_S, **kw)
     return True
+
+
+# -- hosts that reach one verdict ------------------------------------------------------------------------
+
+AGREE_TIMEOUT_S = 3600   # a host's start-up (the check of its records) may take this long before the others give up
+
+
+def agree(stage: str, error: BaseException | None, kinds: dict[str, type] | None = None) -> None:
+    """Every host reports how `stage` went before any collective that follows it; if one failed, every host
+    raises the same one-line error, naming the (first) failing host. One process: `error` is raised as it is.
+
+    The reports go through the coordination service's key-value store (not a device collective), so a host
+    that failed does not leave the others waiting at the first all-gather until gloo / ICI times out.
+    `kinds`: exception classes by name, so that the other hosts raise the failing host's kind (its exit code)."""
+    n = jax.process_count()
+    if n == 1:
+        if error is not None:
+            raise error
+        return
+    from jax._src import distributed
+    client = distributed.global_state.client
+    me = jax.process_index()
+    report = "ok" if error is None else f"{type(error).__name__}\n{error}"
+    client.key_value_set(f"qwen2vl/{stage}/{me}", report)
+    client.wait_at_barrier(f"qwen2vl/{stage}", AGREE_TIMEOUT_S * 1000)
+    reports = [client.blocking_key_value_get(f"qwen2vl/{stage}/{i}", 60_000) for i in range(n)]
+    bad = [(i, r) for i, r in enumerate(reports) if r != "ok"]
+    if not bad:
+        return
+    host, report = bad[0]
+    kind, _, text = report.partition("\n")
+    more = f" (and {len(bad) - 1} more host{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+    cls = type(error) if error is not None and host == me else (kinds or {}).get(kind, RuntimeError)
+    raise cls(f"host {host} of {n}{more}: {text}")
+
+
+HEARTBEAT_S = 5          # how often each host says it is alive
+LOST_AFTER_S = 30        # silence after which a host counts as lost (well inside the service's heartbeat timeout)
+SERVICE_HEARTBEAT_S = 90   # the coordination service's own timeout, after which it aborts every process
+
+
+class HostWatch:
+    """A thread per host that tells the others it is alive (a counter in the coordination service's key-value
+    store, every HEARTBEAT_S) and watches theirs. A host silent for LOST_AFTER_S (killed, preempted, hung), or
+    an unreachable coordinator (host 0), ends this host with one line naming it, instead of a wait at the next
+    collective and a C++ abort minutes later. A host that finished (`done`) is not waited for."""
+
+    def __init__(self, describe=lambda: "", out=None):
+        import sys
+        import threading
+        self.describe, self.out = describe, out or sys.stderr
+        self.n, self.me = jax.process_count(), jax.process_index()
+        self._stop = threading.Event()
+        self._thread = None
+        if self.n > 1:
+            from jax._src import distributed
+            self.client = distributed.global_state.client
+            self._thread = threading.Thread(target=self._run, name="host-watch", daemon=True)
+            self._thread.start()
+
+    def _get(self, key: str) -> str | None:
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception as e:
+            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+
+    def _lost(self, what: str) -> None:
+        import os
+        extra = self.describe()
+        print(f"train.py: {what}; stopping host {self.me} too{'; ' + extra if extra else ''}", file=self.out,
+              flush=True)
+        os._exit(3)
+
+    def _run(self) -> None:
+        import time
+        beat, seen = 0, {}
+        while not self._stop.is_set():
+            beat += 1
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(f"qwen2vl/alive/{self.me}", str(beat), allow_overwrite=True)
+                for i in range(self.n):
+                    if i == self.me or self._get(f"qwen2vl/done/{i}"):
+                        continue
+                    value = self._get(f"qwen2vl/alive/{i}")
+                    if value is None or seen.get(i, (None,))[0] != value:
+                        seen[i] = (value, now)
+                    elif now - seen[i][1] > LOST_AFTER_S:
+                        self._lost(f"host {i} of {self.n} stopped responding {LOST_AFTER_S} s ago (killed, "
+                                   "preempted or hung)")
+            except Exception as e:   # the coordination service runs in host 0: it went away
+                if self._stop.is_set():
+                    return
+                self._lost(f"lost the coordinator, host 0 of {self.n} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else 'no reply'})")
+            self._stop.wait(HEARTBEAT_S)
+
+    def done(self) -> None:
+        """This host finished cleanly: the others stop watching it; stop watching them."""
+        if self._thread is None:
+            return
+        try:
+            self.client.key_value_set(f"qwen2vl/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:
+            pass
+        self._stop.set()
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

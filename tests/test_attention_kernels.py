@@ -329,3 +329,19 @@ def test_kernel_matches_dense_random_layouts(kernel, causal, seed):
     seg = _segments(l, rows + [[l], []])
     seg = np.concatenate([seg, np.where(seg[:1] > 0, seg[:1] % 3 + 1, 0)])   # ids in several runs
     _assert_matches_dense(kernel, seg, causal, h=6, hkv=2, d=24, seed=seed)
+
+
+def test_run_segment_bound_reaches_the_splash_grid():
+    """The run's `max_segment_len` (attention.segment_bound, set by StepFn while tracing) narrows the causal
+    splash grid: a second, narrower width compiled behind a switch; non-causal (ViT) calls keep theirs."""
+    from qwen2vl_jax.model.attention import attention, segment_bound
+    q = jax.ShapeDtypeStruct((1, 2048, 2, 128), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+
+    def branches(causal, bound):
+        f = lambda q, s: attention(q, q, q, s, s, causal=causal, scale=0.1, impl="splash_interpret")
+        with segment_bound(bound):
+            jaxpr = str(jax.make_jaxpr(f)(q, seg))
+        return jaxpr.count("pallas_call")
+    assert branches(True, 0) == 1 and branches(True, 300) == 2
+    assert branches(False, 300) == branches(False, 0)

@@ -81,6 +81,29 @@ def _one_line_error(capsys, script, source):
     return err
 
 
+@pytest.mark.parametrize("where", ["data.train", "eval --data"])
+def test_a_misspelt_data_path_is_one_line(where, tmp_path, capsys, no_model, orbax_run):
+    missing = str(tmp_path / "trian.jsonl")
+    if where == "data.train":
+        assert _script("train").main([f"workdir={tmp_path / 'run'}", f"data.train={missing}", "progress=false"]) == 2
+        err = _one_line_error(capsys, "train.py", f"{missing}: ")
+    else:
+        assert _script("eval").main(["--checkpoint", str(orbax_run), "--data", missing, "progress=false"]) == 2
+        err = _one_line_error(capsys, "eval.py", "")
+        assert missing in err
+    assert "no such" in err.lower()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_max_segment_len_is_checked_against_the_data(user_set, tmp_path, capsys, no_model):
+    root, _, _ = user_set
+    argv = [f"workdir={tmp_path / 'run'}", f"data.train={root / 'val.jsonl'}", "data.buckets=auto", "max_segment_len=8",
+            "progress=false"]
+    assert _script("train").main(argv) == 2
+    err = _one_line_error(capsys, "train.py", "max_segment_len=8: ")
+    assert "longest has" in err and "raise max_segment_len" in err
+
+
 @pytest.mark.parametrize("kind", list(BAD) + ["too large for the buckets"])
 def test_train_stops_on_bad_data_before_the_model(kind, user_set, tmp_path, capsys, no_model):
     root, _, _ = user_set

@@ -256,6 +256,9 @@ def test_sources_read_from_a_bucket(data, tmp_path):
         assert len(remote) == len(local)
         for i in range(len(local)):
             assert remote[i].messages == local[i].messages and remote[i].source.startswith(url)
+        with pytest.raises(DataError, match="no such data file"):
+            sources.open_source(f"{url}/misspelt.jsonl")
+        fs.pipe_file(f"{url}/x.array_record", b"")
         with pytest.raises(DataError, match="the array_record reader opens local files only"):
             sources.open_source(f"{url}/x.array_record")
         with make_loader(f"{url}/shard.parquet", proc, CFG, BASE) as a, make_loader(shard, proc, CFG, BASE) as b:

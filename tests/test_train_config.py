@@ -128,3 +128,34 @@ def test_memory_estimate_counts_every_param():
         assert e16["total"] - e["total"] == pytest.approx(-4 * trained / GiB, rel=1e-12)
     sharded = estimate(load(os.path.join(ROOT, "configs", "stage2_7b.yaml")), 64)   # fsdp 16 x tensor 4
     assert 4 * total / 64 <= sharded["params"] * GiB <= 4 * total / 16              # norms are replicated
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+def test_memory_estimate_keeps_what_jax_saves(remat):
+    """The estimate's per-layer residuals (derived from the param shapes) are the ones jax saves across the
+    scanned layers of the 2B's ViT and LLM (2 layers each, splash attention, traced only)."""
+    import dataclasses
+    import math
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax._src.ad_checkpoint import saved_residuals   # what print_saved_residuals prints
+    from qwen2vl_jax import api, config as C
+    from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+    from qwen2vl_jax.train import memory
+    from qwen2vl_jax.train.step import forward_sums
+    c = C.preset("2b")
+    c = dataclasses.replace(c, text=dataclasses.replace(c.text, num_hidden_layers=2),
+                            vision=dataclasses.replace(c.vision, depth=2))
+    L, P = 256, 512
+    module = Qwen2VLModule(c, dtype=jnp.bfloat16, remat=remat, attn_impl="splash")
+    params = nn.meta.unbox(api.abstract_params(module))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in api.dummy_batch(c, 1, L, P).items()}
+    batch.update(labels=jax.ShapeDtypeStruct((1, L), jnp.int32), loss_mask=jax.ShapeDtypeStruct((1, L), jnp.float32))
+    saved = saved_residuals(lambda p, b: forward_sums(module, p, b, loss_chunk=128).ce, params, batch)
+    stacked = [aval for aval, what in saved if "output of scan" in what]   # (layers, rows, items, width)
+    per_layer = {n: sum(a.shape[-1] for a in stacked if a.shape[2] == n) for n in (L, P)}
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    assert per_layer[L] == memory._layer(c, "llm", sizes, remat)[0]
+    assert per_layer[P] == memory._layer(c, "vit", sizes, remat)[0]
+    assert all(a.dtype == jnp.bfloat16 and a.shape[0] == 2 for a in stacked)

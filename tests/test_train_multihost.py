@@ -69,3 +69,75 @@ def test_two_hosts_train_checkpoint_resume_and_export(tmp_path, request, where):
     exported = qv.load_pretrained(storage.join(workdir, "hf"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exported.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _start(args, port, env_extra=None):
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", **(env_extra or {})}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("train.py:")]
+
+
+def _text_records(path, n, bad_line=None):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                      {"role": "assistant", "content": f"answer {i}."}]}) for i in range(n)]
+    if bad_line:
+        lines[bad_line - 1] = '{"messages": [{"role": "user", "content": "cut'
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_bad_data_on_one_host_ends_both_with_the_same_line(tmp_path):
+    """Line 4 is host 1's record (host i reads records i, i + 2, ...): host 0's shard is clean, yet both hosts
+    exit 2 with the same line naming host 1 and the record, before anything is built (~20 s on 2 cores)."""
+    import time
+    data = _text_records(tmp_path / "train.jsonl", 16, bad_line=4)
+    workdir = tmp_path / "run"
+    args = [f"workdir={workdir}", f"data.train={data}", "model=tiny", "data.batch_size=4", "mesh.fsdp=2",
+            "mesh.tensor=4", "data.buckets=[[256, 0]]", "steps=2", "progress=false"]
+    t0 = time.monotonic()
+    procs = _start(args, _free_port())
+    outs = [p.communicate(timeout=300) for p in procs]
+    took = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [2, 2], [e[-2000:] for _, e in outs]
+    lines = [_lines(err) for _, err in outs]
+    assert all(len(x) == 1 for x in lines) and lines[0] == lines[1], lines
+    assert lines[0][0].startswith(f"train.py: host 1 of 2: {data}:4: ") and "not valid JSON" in lines[0][0]
+    assert took < 90, took
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.slow   # two train.py processes, one killed: ~1-2 min on 2 cores
+def test_a_killed_host_ends_the_other_with_a_line_naming_it(tmp_path):
+    import signal
+    import time
+    data = _text_records(tmp_path / "train.jsonl", 400)
+    workdir = tmp_path / "run"
+    args = [f"workdir={workdir}", f"data.train={data}", "model=tiny", "data.batch_size=4", "mesh.fsdp=2",
+            "mesh.tensor=4", "data.buckets=[[256, 0]]", "steps=100000", "checkpoint_every=2", "progress=false",
+            "export_hf=false"]
+    procs = _start(args, _free_port())
+    deadline = time.monotonic() + 400
+    while not (workdir / "checkpoints" / "2").exists():   # training, with a committed checkpoint
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(1)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert procs[0].returncode != 0 and took < 60, (procs[0].returncode, took, err[-2000:])
+    line = _lines(err)
+    assert len(line) == 1 and "host 1 of 2 stopped responding" in line[0], err[-2000:]
+    assert "the last committed checkpoint is intact" in line[0]
+    procs[1].communicate()
+    from qwen2vl_jax.train.checkpoint import step_dir
+    assert int(os.path.basename(step_dir(str(workdir)))) >= 2

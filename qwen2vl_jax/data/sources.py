@@ -49,7 +49,7 @@ class SourceError(DataError):
 
 def expand(spec: str | Sequence[str]) -> list[str]:
     """Comma-separated paths and glob patterns (`data/*.parquet`, `gs://b/shards/train-*.array_record`) ->
-    the files, in order; a pattern that matches nothing is an error."""
+    the files, in order; a pattern that matches nothing, or a path that does not exist, is an error."""
     items = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p and p.strip()]
     files: list[str] = []
     for item in items:
@@ -58,6 +58,8 @@ def expand(spec: str | Sequence[str]) -> list[str]:
             if not found:
                 raise DataError(f"{item}: no files match this pattern")
             files.extend(found)
+        elif not storage.exists(item):
+            raise DataError(f"{item}: no such data file; check the path (data.train, or --data in eval.py)")
         else:
             files.append(item)
     if not files:

@@ -30,6 +30,8 @@ Backends (`impl`):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -45,6 +47,20 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite, so fully masked (
 # (2 x 512, causal, 4/2 heads x 64: 13 vs 17 ms; 2 x 768: 19 vs 56 ms); on one short example per row dense
 # does (2 x 322, 14/2 heads x 64: 42 vs 48 ms). Rows of 512 and more are mostly packed training rows.
 AUTO_BLOCKWISE_MIN_LEN = 512
+
+
+_SEGMENT_BOUND = contextvars.ContextVar("segment_bound", default=None)
+
+
+@contextlib.contextmanager
+def segment_bound(causal: int | None):
+    """While tracing: the longest segment of causal (LLM) attention that the data guarantees, for calls that
+    give no `max_segment_len` of their own (the run's `max_segment_len`, checked against its records)."""
+    token = _SEGMENT_BOUND.set(causal or None)
+    try:
+        yield
+    finally:
+        _SEGMENT_BOUND.reset(token)
 
 
 def make_mask(q_segment_ids, kv_segment_ids, causal: bool, q_index=None, kv_index=None):
@@ -67,6 +83,8 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
     that breaks it still gets the right answer, from the full-width grid).
     """
     cached = q_index is not None or kv_index is not None
+    if max_segment_len is None and causal:
+        max_segment_len = _SEGMENT_BOUND.get()
     if impl == "auto":
         platform = jax.default_backend()
         if cached:
@@ -102,20 +120,36 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
                      "cudnn_packed or auto (splash_interpret / pallas_gpu_interpret run the kernels on CPU)")
 
 
-def per_batch_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids):
-    """Run a Pallas kernel on each device's own rows. A Pallas kernel is a custom call the SPMD partitioner
-    cannot split, so under a mesh it would gather every row to every device; shard_map over the mesh axes
-    of the logical "batch" axis (the active `nn.logical_axis_rules`) hands each device its rows instead.
-    Other axes (heads, length) come whole to each device. No mesh, an unsharded batch, or rows that do not
-    split evenly: a plain call."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = None if mesh.empty else nn.logical_to_mesh_axes(("batch",))[0]
+def _mesh_axes(mesh, logical: str) -> tuple:
+    """The mesh axes (of size > 1) that a logical axis maps to under the active `nn.logical_axis_rules`."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
-    if not axes or q.shape[0] % math.prod(mesh.shape[a] for a in axes):   # rows that do not split: as before
+    return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def per_batch_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids):
+    """Run a Pallas kernel on each device's own rows and heads. A Pallas kernel is a custom call the SPMD
+    partitioner cannot split, so under a mesh it would gather every row and head to every device; shard_map
+    over the mesh axes of the logical "batch" axis (the active `nn.logical_axis_rules`) hands each device its
+    rows, and over those of "heads" / "kv_heads" (the tensor axis) its heads, as the projections produced
+    them. Heads split in contiguous blocks keep GQA's grouping (query head j*g + i uses kv head j) when both
+    head counts divide by the axis; otherwise heads come whole. Segment ids are per row. No mesh, or rows
+    that do not split evenly: a plain call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return kernel(q, k, v, q_segment_ids, kv_segment_ids)
-    rows = PartitionSpec(axes)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(
+    rows = _mesh_axes(mesh, "batch")
+    if rows and q.shape[0] % math.prod(mesh.shape[a] for a in rows):   # rows that do not split: as before
+        rows = ()
+    heads = _mesh_axes(mesh, "heads")
+    if heads != _mesh_axes(mesh, "kv_heads") or any(x.shape[2] % math.prod(mesh.shape[a] for a in heads)
+                                                    for x in (q, k)):
+        heads = ()
+    if not rows and not heads:
+        return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+    r, hd = rows or None, heads or None
+    qkv, seg = PartitionSpec(r, None, hd, None), PartitionSpec(r, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv, check_vma=False)(
         q, k, v, q_segment_ids, kv_segment_ids)
 
 

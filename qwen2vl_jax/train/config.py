@@ -105,7 +105,7 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "tiny"                    # a preset (tiny, 2b, 7b, 72b) or an HF dir / config.json
+    model: str = "tiny"                    # a preset (tiny, small, 2b, 7b, 72b) or an HF dir / config.json
     workdir: str = "runs/demo"             # checkpoints, metrics.jsonl, TensorBoard events, export
     steps: int = 300                       # stop after this optimizer step
     seed: int = 0                          # params init, data order, step RNG
@@ -115,6 +115,8 @@ class RunConfig:
                                            # float32 on CPU); params and optimizer state stay float32
     remat: str = "none"                    # none | full | dots | dots_no_batch
     attn_impl: str = "auto"                # xla | blockwise | splash | pallas_gpu | cudnn | cudnn_packed | auto
+    max_segment_len: int = 0               # text tokens of the longest example (0 = unknown): narrows splash's
+                                           # grid to the blocks such an example spans; checked against the data
     grad_accum: int = 1                    # micro-batches per optimizer step
     z_loss: float = 0.0                    # weight of logsumexp(logits)^2 per target token
     loss_chunk: int = 0                    # text positions per logits chunk (0 = whole rows at once)
@@ -383,6 +385,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_segment_len < 0:
+        problems.append(f"max_segment_len must be >= 0 (0 = unknown), got {cfg.max_segment_len}")
     if cfg.loss_chunk < 0:
         problems.append(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     if cfg.data.batch_size < 1:

@@ -10,15 +10,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2vl_jax import storage
+from qwen2vl_jax import sharding, storage
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.data import DataError, Processor
 from qwen2vl_jax.data.check import check_records
 from qwen2vl_jax.data.packing import suggest_buckets
 from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, components, make_loader
-from qwen2vl_jax.data.sources import open_source
+from qwen2vl_jax.data.sources import SourceError, open_source
+from qwen2vl_jax.storage import StorageError
 from qwen2vl_jax.train.batches import host_rows
-from qwen2vl_jax.train.config import RunConfig
+from qwen2vl_jax.train.config import RunConfig, RunConfigError
+
+# what a host's start-up may end in, by name: the other hosts raise the same kind (train.py: exit 2)
+START_ERRORS = {c.__name__: c for c in (DataError, SourceError, RunConfigError, StorageError)}
 
 AUTO_SAMPLE = 10_000  # examples measured for data.buckets: auto when data.check is 0
 
@@ -76,15 +80,21 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
     auto = cfg.data.buckets == "auto"
     if not cfg.data.check and not auto:
         return cfg
-    proc = processor(cfg, config)
-    index, count = _shard(cfg, mesh)
-    records = HostRecords([open_source(c.path, index_dir(cfg))
-                           for c in components(train_files(cfg))], index, count)
-    report = check_records(records, proc, limit=cfg.data.check or AUTO_SAMPLE, seed=cfg.seed,
-                           buckets=None if auto else cfg.data.buckets, truncate=cfg.data.truncate)
-    log(report.describe())
-    if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
-        _within_budget(report.problems, cfg.data.skip_budget, log)
+    error = None
+    try:   # every host checks its own shard; all of them agree on the verdict before anything else
+        proc = processor(cfg, config)
+        index, count = _shard(cfg, mesh)
+        records = HostRecords([open_source(c.path, index_dir(cfg))
+                               for c in components(train_files(cfg))], index, count)
+        report = check_records(records, proc, limit=cfg.data.check or AUTO_SAMPLE, seed=cfg.seed,
+                               buckets=None if auto else cfg.data.buckets, truncate=cfg.data.truncate)
+        log(report.describe())
+        if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
+            _within_budget(report.problems, cfg.data.skip_budget, log)
+            _within_segment_bound(report.sizes, cfg.max_segment_len)
+    except (DataError, RunConfigError, StorageError) as e:
+        error = e
+    sharding.agree("data check", error, START_ERRORS)
     if not auto:
         return cfg
     buckets = auto_buckets(_global_sizes(report.sizes), sampled=report.sampled or jax.process_count() > 1)
@@ -118,6 +128,17 @@ def _within_budget(problems: list, budget: int, log) -> None:
                         f"up to N bad records with data.skip_budget=N (now {budget})")
     for source, reason in problems:
         log(f"  will skip {source}: {reason}")
+
+
+def _within_segment_bound(sizes: np.ndarray, bound: int) -> None:
+    """`max_segment_len` promises the attention kernels that no example is longer; the checked ones must keep it
+    (a longer one would still train correctly, on a wider, slower grid, so the promise is checked up front)."""
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    if bound and len(sizes) and sizes[:, 0].max() > bound:
+        over = int((sizes[:, 0] > bound).sum())
+        raise DataError(f"max_segment_len={bound}: {over} checked example{'s' * (over > 1)} {'are' if over > 1 else 'is'} "
+                        f"longer (the longest has {int(sizes[:, 0].max())} text tokens); raise max_segment_len to "
+                        "that, or set it to 0 (unknown)")
 
 
 def auto_buckets(sizes: np.ndarray, sampled: bool) -> tuple:

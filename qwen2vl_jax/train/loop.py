@@ -123,6 +123,45 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _last_checkpoint(workdir: str) -> str:
+    try:
+        return f"the last committed checkpoint is intact: {checkpoint.step_dir(workdir)}"
+    except FileNotFoundError:
+        return f"no checkpoint was committed in {workdir}"
+    except Exception as e:   # the watcher must say something even when the workdir cannot be read
+        return f"the checkpoints in {workdir} could not be listed ({type(e).__name__})"
+
+
+# -- the step a run builds ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Built:
+    module: Qwen2VLModule
+    tx: Any
+    parts: tuple
+    shardings: Any       # TrainState of NamedShardings
+    step_fn: StepFn
+    base_module: Qwen2VLModule   # the module without adapters (== module when the run has none)
+    adapter: Any                 # the run's LoRA settings, or None
+
+
+def build(cfg: RunConfig, config: Qwen2VLConfig, mesh) -> Built:
+    """The module, optimizer, state shardings and jitted step of a run (`cfg.dtype` resolved): what `run`
+    trains with and what `compile_for` compiles for a TPU slice, so the two cannot drift apart."""
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    base_module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat,
+                                attn_impl=cfg.attn_impl)
+    adapter = run_adapter(cfg)
+    module = lora.adapted(base_module, adapter)
+    parts = param_groups(cfg)
+    tx = optim.make_optimizer(cfg.optim, parts)
+    schedules = optim.schedules(cfg.optim, parts)
+    shardings = state_shardings(module, tx, parts, mesh)
+    step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
+                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk, max_segment_len=cfg.max_segment_len)
+    return Built(module, tx, parts, shardings, step_fn, base_module, adapter)
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig, data: Any = None) -> dict:
@@ -136,6 +175,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
 
     # -- devices and mesh
     sharding.initialize_distributed()   # before anything touches a device
+    watch = sharding.HostWatch(lambda: _last_checkpoint(cfg.workdir))   # a lost host ends the others, in one line
     if cfg.compile_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
     main = jax.process_index() == 0
@@ -152,14 +192,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
 
     # -- model and optimizer
     cfg = resolve_dtype(cfg)
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    module = Qwen2VLModule(config, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attn_impl=cfg.attn_impl)
-    adapter = run_adapter(cfg)
-    base_module, module = module, lora.adapted(module, adapter)
-    parts = param_groups(cfg)
-    tx = optim.make_optimizer(cfg.optim, parts)
-    schedules = optim.schedules(cfg.optim, parts)
-    shardings = state_shardings(module, tx, parts, mesh)
+    built = build(cfg, config, mesh)
+    module, tx, parts, shardings, step_fn = built.module, built.tx, built.parts, built.shardings, built.step_fn
+    base_module, adapter = built.base_module, built.adapter
 
     # -- checkpoints: resume from the workdir, or start
     storage.makedirs(cfg.workdir)
@@ -204,8 +239,6 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     log(f"model {cfg.model if not cfg.init_from else cfg.init_from}: {n_params:,} params, {n_train:,} trainable "
         f"({', '.join(parts.trained)}); compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attn_impl}")
 
-    step_fn = StepFn(mesh, shardings, module=module, tx=tx, parts=parts, schedules=schedules,
-                     z_loss=cfg.z_loss, loss_chunk=cfg.loss_chunk)
     peak = metrics.peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
     run_record = {**cfg.to_dict(), "trainable_parts": list(parts.trained)}
 
@@ -324,6 +357,7 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
                              generation=data_lib.generation(cfg))
         log(f"exported the HF checkpoint to {out}")
     ckpts.close()
+    watch.done()
     losses = [l for _, l in summary.pop("losses")]
     summary.update(end_step=step, wall_time=time.perf_counter() - t_start,
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,

@@ -1,4 +1,7 @@
-"""Per-chip memory of a training run, estimated from the run config alone (nothing is allocated).
+"""Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
+is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
+one to plan with: this estimate runs 1-30% below it, most where the ViT trains under dots_no_batch
+(docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
 
@@ -9,14 +12,14 @@ Counts, per chip:
   per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
   micro-batch's gradient);
-- activations: what the backward pass keeps across the scanned layers under the remat policy (the layer
-  inputs always; with `dots_no_batch` also every weight matmul's output; with `dots` also the attention
-  einsums; with `none` everything), for this chip's rows, divided by `tensor` where a tensor is split over
-  heads / MLP / vocab; nothing for a frozen ViT, which no gradient reaches;
+- batch: this chip's rows of the stacked batch;
+- activations: what the backward pass keeps across the scanned layers under the remat policy, from the
+  model's own matmuls (matmuls.py): the layer inputs with `full`; every weight matmul's output with
+  `dots_no_batch` (and the attention output with `dots`); everything with `none`; for this chip's rows, each
+  width split where its param's output axis maps onto `tensor`; nothing for a frozen ViT;
 - transient: the largest single-layer working set while one layer's backward runs (its activations and
-  their gradients, the dense L x L attention scores when attention is the `xla` kind, or one chunk of
-  logits) plus one layer's weights gathered in the compute dtype (FSDP).
-XLA's own workspace and fragmentation come on top: keep 10-15% of the chip free.
+  their gradients, the dense L x L attention scores when attention is the `xla` kind, one layer's weights
+  gathered in the compute dtype), or one chunk of logits with the gathered LM head and its gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import optim
 from qwen2vl_jax.train.config import RunConfig, RunConfigError, adapter, load, param_groups
+from qwen2vl_jax.train.matmuls import attention_width, matmuls
 
 GiB = 2 ** 30
 
@@ -76,15 +80,40 @@ def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum:
             "grads": t * (2 if grad_accum > 1 else 1)}
 
 
-def _layer_elems(d, heads_dim, kv_dim, mlp, t, policy, norms=2):
-    """Elements kept per token per scanned layer, and the layer's full set (what a backward recomputes)."""
-    carry = d
-    matmul_outs = (heads_dim + 2 * kv_dim) / t + d + 2 * mlp / t + d   # q, k, v | o / proj | gate+up / fc1 | down / fc2
-    attn_out = heads_dim / t
-    full = carry + matmul_outs + attn_out + norms * d + (heads_dim + kv_dim) / t + mlp / t
-    kept = {"full": carry, "dots_no_batch": carry + matmul_outs, "dots": carry + matmul_outs + attn_out,
-            "none": full}[policy]
-    return kept, full
+def _act_shards(axis, sizes) -> int:
+    """How many ways an activation whose width is a param's output `axis` splits: over the tensor axis only
+    (rows already split over data x fsdp; the fsdp split of the weight itself is gathered before use)."""
+    return _shards((axis,), {**sizes, "data": 1, "fsdp": 1})
+
+
+def _layer(config: Qwen2VLConfig, part: str, sizes: dict[str, int], policy: str) -> tuple[float, float, float]:
+    """(elements kept per item per scanned layer under `policy`, the layer's full set (what its backward
+    recomputes), one layer's weight count), from the model's own matmuls (matmuls.py): every matmul output
+    of the layer, split as its logical axis maps onto the mesh."""
+    layer = [m for m in matmuls(config) if m.part == part and m.layers > 1]
+    if not layer:
+        return 0.0, 0.0, 0.0
+    width = lambda m: m.shape[-1] / _act_shards(m.out_axis, sizes)
+    outs = sum(width(m) for m in layer)
+    carry = config.text.hidden_size if part == "llm" else config.vision.embed_dim
+    _, q = attention_width(config, part)
+    t = _act_shards("heads", sizes)
+    mlp = max(width(m) for m in layer if m.out_axis in ("mlp", "vit_mlp"))
+    attn_out = q / t
+    # + the attention output, two norms' outputs, q and k after rotary, the MLP's activation
+    full = carry + outs + attn_out + 2 * carry + 2 * q / t + mlp
+    # `full` keeps each layer's input; the dot policies keep the matmul outputs instead, from which the layer's
+    # input is not needed again (jax's saved residuals, tests/test_train_config.py)
+    kept = {"full": carry, "dots_no_batch": outs, "dots": outs + attn_out, "none": full}[policy]
+    return kept, full, sum(math.prod(m.shape) for m in layer) / t
+
+
+def batch_bytes(cfg: RunConfig, config: Qwen2VLConfig, rows: float) -> float:
+    """This chip's share of the step's stacked batch (batches.stack_micro_batches): int32 / float32 fields."""
+    L = max(b[0] for b in cfg.data.buckets)
+    P = max(b[1] for b in cfg.data.buckets)
+    per_row = L * (5 + 3) * 4 + (P * (config.vision.patch_dim + 3) * 4 if P else 0)
+    return cfg.grad_accum * rows * per_row
 
 
 def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int]) -> dict[str, float]:
@@ -101,44 +130,40 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     dense = cfg.attn_impl == "xla"   # `auto` is splash on TPU: no L x L scores are kept
     policy = "none" if cfg.remat == "none" else cfg.remat
 
-    kept_t, full_t = _layer_elems(tc.hidden_size, tc.num_attention_heads * tc.head_dim,
-                                  tc.num_key_value_heads * tc.head_dim, tc.intermediate_size, t, policy)
-    # The ViT's fused qkv is 3E wide: q, k and v are each E (heads_dim = kv_dim = E).
-    kept_v, full_v = _layer_elems(vc.embed_dim, vc.embed_dim, vc.embed_dim, vc.mlp_dim, t, policy) \
-        if P else (0.0, 0.0)
+    kept_t, full_t, text_layer_params = _layer(config, "llm", sizes, policy)
+    kept_v, full_v, vit_layer_params = _layer(config, "vit", sizes, policy) if P else (0.0, 0.0, 0.0)
     text_tokens, patches = rows * L, rows * P
     # No gradient reaches a frozen ViT (stage 3), so nothing of its forward pass is kept.
     groups = param_groups(cfg)
     vit_kept = "vit" in groups.parts()
     merger_kept = vit_kept or "merger" in groups.parts()
     saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
-    merger = merger_kept * patches / vc.merge_unit * (2 * vc.merge_unit * vc.embed_dim * (1 + 1 / t)
-                                                       + tc.hidden_size) * b
+    merger = merger_kept * patches / vc.merge_unit * sum(
+        m.shape[0] + m.shape[-1] / _act_shards(m.out_axis, sizes) for m in matmuls(config) if m.part == "merger") * b
     # Dense attention materialises (rows, heads/t, L, L) f32 scores; under `none`/`dots` every layer keeps them.
     scores_t = rows * tc.num_attention_heads / t * L * L * 4 if dense else 0.0
     scores_v = rows * vc.num_heads / t * P * P * 4 if dense and P else 0.0
     if dense and policy in ("none", "dots"):
         saved += tc.num_hidden_layers * 2 * scores_t + vit_kept * vc.depth * 2 * scores_v
     vocab = tc.vocab_size / t
+    # the LM head (or tied embedding) gathered over fsdp in the compute dtype, and its float32 gradient
+    head = vocab * tc.hidden_size * (b + 4 * ("llm" in parts))
     if cfg.loss_chunk:
         logits_kept = text_tokens * tc.hidden_size * b
-        logits_transient = rows * cfg.loss_chunk * vocab * (b + 4 + 4)
+        logits_transient = rows * cfg.loss_chunk * vocab * (b + 4 + 4) + head
     else:
         logits_kept = text_tokens * vocab * b
-        logits_transient = text_tokens * vocab * (4 + 4)
-    layer_weights = lambda n: n * b * 2 / t   # one layer gathered (and the next prefetched)
-    text_layer_params = (tc.hidden_size * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * tc.head_dim
-                         + tc.num_attention_heads * tc.head_dim * tc.hidden_size
-                         + 3 * tc.hidden_size * tc.intermediate_size)
-    vit_layer_params = 4 * vc.embed_dim ** 2 + 2 * vc.embed_dim * vc.mlp_dim
+        logits_transient = text_tokens * vocab * (4 + 4) + head
+    layer_weights = lambda n: n * b * 2   # one layer gathered (and the next prefetched)
     transient = max(2 * full_t * text_tokens * b + 3 * scores_t + layer_weights(text_layer_params),
                     2 * full_v * patches * b + 3 * scores_v + layer_weights(vit_layer_params),
                     logits_transient)
-    return {"activations": saved + merger + logits_kept, "transient": transient}
+    return {"batch": batch_bytes(cfg, config, rows), "activations": saved + merger + logits_kept,
+            "transient": transient}
 
 
 def estimate(cfg: RunConfig, devices: int, config: Qwen2VLConfig | None = None) -> dict[str, float]:
-    """GiB per chip: params, optimizer, grads, activations, transient, total."""
+    """GiB per chip: params, optimizer, grads, batch, activations, transient, total."""
     from qwen2vl_jax.train.loop import model_config
     config = config or model_config(cfg)
     sizes = mesh_sizes(cfg, devices)

@@ -1,9 +1,11 @@
 """What a run reports: model FLOPs (vision tower included), MFU, tokens/s, `metrics.jsonl`, TensorBoard
 events and the progress bar.
 
-FLOPs are model FLOPs of the real (non-padding) tokens and patches, counted per part from the matmul shapes
-(2 per multiply-add): forward; the backward pass's input gradients where a trainable part lies upstream;
-its weight gradients only where the part trains. Frozen parts therefore cost their forward (and
+FLOPs are model FLOPs of the real (non-padding) tokens and patches, counted per part from the model's own
+matmuls (matmuls.py reads them off the param shapes; 2 FLOPs per multiply-add): forward; the backward pass's
+input gradients wherever a trainable param lies upstream (the patch embedding, reading pixels, never needs
+one); its weight gradients only where the part trains. Checked against the dot FLOPs of XLA's compiled
+gradient (tests/test_train_metrics.py). Frozen parts therefore cost their forward (and
 pass-through) only, which is what the device runs. Attention counts the pairs each packed segment
 attends to (causal: n(n+1)/2 in the LLM; full n^2 per image / temporal slice in the ViT). Recomputation by
 remat is not model work and is not counted, as in the usual MFU definition.
@@ -47,30 +49,37 @@ def _segment_pairs(segment_ids: np.ndarray, causal: bool) -> float:
 
 
 def step_flops(config: Qwen2VLConfig, batch: dict, parts) -> float:
-    """Model FLOPs of one optimizer step over `batch` (host numpy, any leading axes: (k, B, L) etc.)."""
-    t, v = config.text, config.vision
+    """Model FLOPs of one optimizer step over `batch` (host numpy, any leading axes: (k, B, L) etc.), from the
+    model's own matmuls (`matmuls.matmuls`: its param shapes) and the batch's real tokens, patches and
+    attention pairs."""
+    from qwen2vl_jax.train.matmuls import attention_width, matmuls
     parts = set(parts)
-    text_tokens = float((batch["segment_ids"] > 0).sum())
     patch_seg = batch.get("patch_segment_ids")
-    patches = 0.0 if patch_seg is None else float((patch_seg > 0).sum())
-
-    hd = t.head_dim
-    llm_macs = (t.num_hidden_layers * (t.hidden_size * hd * (t.num_attention_heads + 2 * t.num_key_value_heads)
-                                       + hd * t.num_attention_heads * t.hidden_size
-                                       + 3 * t.hidden_size * t.intermediate_size)
-                + t.hidden_size * t.vocab_size) * text_tokens
-    llm_attn = 2 * t.num_hidden_layers * t.num_attention_heads * hd * _segment_pairs(batch["segment_ids"], True)
-    e = v.embed_dim
-    vit_macs = (v.patch_dim * e + v.depth * (4 * e * e + 2 * e * v.mlp_dim)) * patches
-    vit_attn = 0.0 if patch_seg is None else 2 * v.depth * e * _segment_pairs(patch_seg, False)
-    merger_macs = (v.merge_unit * e * v.merge_unit * e + v.merge_unit * e * v.hidden_size) * patches / v.merge_unit
+    items = {"tokens": float((batch["segment_ids"] > 0).sum()),
+             "patches": 0.0 if patch_seg is None else float((patch_seg > 0).sum())}
+    items["merged"] = items["patches"] / config.vision.merge_unit
+    macs = {"vit": 0.0, "merger": 0.0, "llm": 0.0}
+    first = 0.0   # the patch embedding reads the pixels themselves: no input gradient, ever
+    for m in matmuls(config):
+        macs[m.part] += m.macs * items[m.per]
+        if "patch_embed" in m.path:
+            first += m.macs * items[m.per]
+    layers, width = attention_width(config, "llm")
+    llm_attn = 2 * layers * width * _segment_pairs(batch["segment_ids"], True)   # QK^T and PV: 2 MACs a pair-dim
+    vit_attn = 0.0
+    if patch_seg is not None and items["patches"]:
+        layers, width = attention_width(config, "vit")
+        vit_attn = 2 * layers * width * _segment_pairs(patch_seg, False)
 
     def cost(macs, attn, input_grads, weight_grads):
         return 2 * macs * (1 + input_grads + weight_grads) + 2 * attn * (1 + 2 * input_grads)
 
-    return (cost(llm_macs, llm_attn, True, "llm" in parts)
-            + cost(merger_macs, 0.0, "vit" in parts, "merger" in parts)
-            + cost(vit_macs, vit_attn, "vit" in parts, "vit" in parts))
+    # Input gradients run wherever a trainable param lies upstream: in a part that trains (its norms and
+    # embeddings come before its matmuls) or below one that does (the ViT feeds the merger feeds the LLM).
+    merger_in = bool({"vit", "merger"} & parts)
+    return (cost(macs["llm"], llm_attn, True, "llm" in parts)
+            + cost(macs["merger"], 0.0, merger_in, "merger" in parts)
+            + cost(macs["vit"], vit_attn, "vit" in parts, "vit" in parts) - 2 * first * ("vit" in parts))
 
 
 # -- writers ----------------------------------------------------------------------------------------------

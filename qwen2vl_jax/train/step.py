@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from qwen2vl_jax import sharding
 from qwen2vl_jax.api import MODEL_KEYS
+from qwen2vl_jax.model.attention import segment_bound
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import optim
 from qwen2vl_jax.train.loss import LossSums, chunked_token_sums, token_sums
@@ -104,8 +105,10 @@ class StepFn:
     and the logical-axis rules so the model's activation constraints apply. One jitted function per set of
     batch fields (a run without images has no vision fields); jax caches one program per bucket shape."""
 
-    def __init__(self, mesh: Mesh, state_shardings: TrainState, rules=sharding.RULES, **kw: Any):
+    def __init__(self, mesh: Mesh, state_shardings: TrainState, rules=sharding.RULES, max_segment_len: int = 0,
+                 **kw: Any):
         self.mesh, self.rules, self.state_shardings = mesh, rules, state_shardings
+        self.max_segment_len = max_segment_len   # the data's longest text segment, for the attention kernels
         groups = kw["tx"].groups if kw.get("parts") is None else kw["parts"]
         self.kw = {"grad_shardings": optim.split(state_shardings.params, groups)[0], **kw}
         self._jits: dict[tuple, Any] = {}
@@ -122,9 +125,9 @@ class StepFn:
         return self._jits[keys]
 
     def __call__(self, state: TrainState, batch: dict):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), segment_bound(self.max_segment_len):
             return self._jit(batch)(state, batch)
 
     def lower(self, state, batch):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), segment_bound(self.max_segment_len):
             return self._jit(batch).lower(state, batch)

@@ -1,0 +1,139 @@
+"""The TPU compiler on a CPU: the tiny model's train step with splash attention compiled for a v5p slice
+(Mosaic compiles the Pallas kernels), the splash kernel alone forward and backward at packed shapes, and
+`train.py compile_for=...`'s verdict. Needs libtpu (the `tpu` extra); slice names need nothing."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from qwen2vl_jax.train import aot
+from qwen2vl_jax.train.config import RunConfigError, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="the TPU compiler is the `tpu` extra (libtpu)")
+
+
+@pytest.mark.parametrize("name, topology, chips", [
+    ("v5p-8", "v5p:2x2x1", 4), ("v5p-128", "v5p:4x4x4", 64), ("v5p-256", "v5p:4x4x8", 128),
+    ("v5p-512", "v5p:4x8x8", 256), ("v5p:4x4x8", "v5p:4x4x8", 128), ("v6e-256", "v6e:16x16", 256),
+    ("v5e-16", "v5e:4x4", 16), ("v5litepod-8", "v5e:2x4", 8), ("v4-32", "v4:2x2x4", 16)])
+def test_slice_names(name, topology, chips):
+    sl = aot.parse_slice(name)
+    assert (sl.topology, sl.chips) == (topology, chips)
+
+
+@pytest.mark.parametrize("name, message", [("v5p-12", "not one Cloud TPU makes"), ("v5p-7", "2 TensorCore"),
+                                           ("tpu-64", "name a TPU slice"), ("v5p:4x4", "3 sides")])
+def test_bad_slice_names(name, message):
+    with pytest.raises(RunConfigError, match=message):
+        aot.parse_slice(name)
+
+
+def _tiny(buckets):
+    return load(None, ["model=tiny", f"data.buckets={buckets}", "data.batch_size=4", "mesh.fsdp=4",
+                       "remat=full", "grad_accum=2", "dtype=bfloat16", "attn_impl=splash"])
+
+
+@needs_libtpu
+@pytest.mark.parametrize("buckets", [[[256, 128]], pytest.param([[256, 128], [512, 64]], marks=pytest.mark.slow)])
+def test_tiny_train_step_compiles_for_v5p_with_mosaic(monkeypatch, buckets):
+    """Every bucket is compiled (~20 s each on 2 cores); the programs hold Mosaic kernels (the splash forward
+    and both backward passes), and the per-chip memory is the compiler's."""
+    seen = []
+    real = aot.memory
+
+    def spy(compiled):
+        seen.append(compiled.as_text())
+        return real(compiled)
+    monkeypatch.setattr(aot, "memory", spy)
+    result = aot.compile_for(_tiny(buckets), "v5p:2x2x1", log=lambda s: None)
+    assert result["fits"] and result["attention"] == "splash" and result["device_kind"].startswith("TPU v5")
+    assert [p["bucket"] for p in result["programs"]] == buckets
+    for p, hlo in zip(result["programs"], seen):
+        assert hlo.count('custom_call_target="tpu_custom_call"') >= 6   # ViT + LLM: fwd, dq, dkv each
+        assert 0 < p["arguments_gib"] < p["total_gib"] < 1 and p["temporaries_gib"] > 0
+        assert p["aliases_gib"] > 0   # the donated state is updated in place
+
+
+@needs_libtpu
+@pytest.mark.parametrize("causal, heads, kv_heads, length, bound", [
+    (True, 8, 2, 2048, 300),                                       # LLM rows, GQA 4:1
+    pytest.param(True, 12, 2, 8192, 1024, marks=pytest.mark.slow),  # the 2B's LLM heads at its bucket
+    pytest.param(False, 16, 16, 4096, 700, marks=pytest.mark.slow)])  # ViT rows (MHA, 16 heads)
+def test_splash_kernel_compiles_forward_and_backward(causal, heads, kv_heads, length, bound):
+    """The kernel alone at packed shapes, through Mosaic: several grid widths (lax.switch branches), causal
+    and not, GQA and not."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from qwen2vl_jax.model.splash import grid_widths, splash_attention
+    from qwen2vl_jax.model.segment_blocks import range_bound
+
+    dev = aot.tpu_devices(aot.parse_slice("v5p:2x2x1"))[0]
+    one = NamedSharding(Mesh([dev], ("x",)), PartitionSpec())
+    widths = grid_widths(length // 512, range_bound(bound, 512, 512, length // 512, causal))
+    assert len(widths) >= 2
+
+    def loss(q, k, v, seg):
+        out = splash_attention(q, k, v, seg, seg, causal=causal, scale=0.125, max_segment_len=bound)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+    spec = lambda *s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d, sharding=one)
+    args = (spec(2, length, heads, 128), spec(2, length, kv_heads, 128), spec(2, length, kv_heads, 128),
+            spec(2, length, d=jnp.int32))
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    # every width has its forward, dQ and dK/dV kernels
+    assert hlo.count('custom_call_target="tpu_custom_call"') >= 3 * len(widths)
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_cli"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_libtpu
+def test_compile_for_does_not_fit_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(aot.CHIPS, "v5p", ("v5p", 2, 2 ** 20, True))   # a chip of 1 MiB
+    argv = ["model=tiny", "data.buckets=[[256, 128]]", "data.batch_size=4", "mesh.fsdp=4", "compile_for=v5p-8"]
+    assert _train_script().main(argv) == 2
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["fits"] is False and result["topology"] == "v5p:2x2x1" and result["hbm_gib"] == 0.0
+    line = [s for s in err.strip().splitlines() if s.startswith("train.py:")]
+    assert len(line) == 1 and "does not fit" in line[0] and "remat=full" in line[0], err
+
+
+@needs_libtpu
+def test_heads_split_over_the_tensor_axis_in_the_compiled_step():
+    """8 chips, fsdp 2 x tensor 4, LLM of 8 query / 4 kv heads: inside shard_map each chip's splash kernels
+    take heads / tensor (2 query heads, 1 kv head), and no all-gather rebuilds q, k or v across chips."""
+    import dataclasses
+    import re
+    from qwen2vl_jax import config as C, sharding
+    from qwen2vl_jax.train import loop
+    from qwen2vl_jax.train.state import abstract_state
+
+    t = C.tiny()
+    config = dataclasses.replace(t, text=dataclasses.replace(t.text, num_attention_heads=8, num_key_value_heads=4,
+                                                            mrope_section=(1, 1, 2)))
+    cfg = aot.for_tpu(load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4",
+                                  "dtype=bfloat16", "attn_impl=splash"]))
+    mesh = sharding.make_mesh(1, 2, 4, devices=aot.tpu_devices(aot.parse_slice("v5p:2x2x2")))
+    built = loop.build(cfg, config, mesh)
+    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
+    batch = aot.abstract_batch(config, 2, 1, 512, 0, built.step_fn)   # text rows only: the LLM's attention
+    hlo = built.step_fn.lower(state, batch).compile().as_text()
+    hd = config.text.head_dim
+    kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
+    outs = {name: re.search(r"bf16\[(\d+),512,%d\]" % hd, line).group(1)
+            for line in kernels for name in ("fwd", "dq", "dkv") if f"splash_mha_{name}" in line}
+    assert outs == {"fwd": "2", "dq": "2", "dkv": "1"}, outs   # heads / tensor: 8 / 4 query, 4 / 4 kv
+    gathers = [l for l in hlo.splitlines() if re.search(r"= \S+ all-gather(-start)?\(", l)]
+    qkv_like = re.compile(r"bf16\[1,512,(\d+,%d|%d|%d)\]" % (hd, 8 * hd, 4 * hd))
+    assert gathers and not [g for g in gathers if qkv_like.search(g.split("all-gather")[0])]
