@@ -5,6 +5,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (the `tpu` extra: the TPU compiler the compile_for tests run on this CPU) looks for a TPU at start-up.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
 @pytest.fixture(scope="session")

@@ -61,12 +61,13 @@ def test_config_round_trips_through_transformers(name):
                                                                                       cfg.text.hidden_size)
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2_5_vl-tiny"])
+@pytest.mark.parametrize("name", ["tiny", "qwen2_5_vl-tiny", "qwen3_vl-tiny"])
 def test_part_prefixes_agree_with_the_optimizer(name):
     cfg = C.preset(name)
     fam = families.get(cfg.model_type)
+    rules = optim.Groups(("vit", "merger", "llm"))
     for path in _shapes(cfg):
-        assert fam.part_of(path) == optim.part_of(path), path
+        assert fam.part_of(path) == optim.part_of(path) == rules.label(path), path
     assert {fam.part_of(p) for p in _shapes(cfg)} == {"vit", "merger", "llm"}
 
 

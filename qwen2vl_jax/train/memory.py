@@ -134,9 +134,9 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     kept_v, full_v, vit_layer_params = _layer(config, "vit", sizes, policy) if P else (0.0, 0.0, 0.0)
     text_tokens, patches = rows * L, rows * P
     # No gradient reaches a frozen ViT (stage 3), so nothing of its forward pass is kept.
-    groups = param_groups(cfg)
-    vit_kept = "vit" in groups.parts()
-    merger_kept = vit_kept or "merger" in groups.parts()
+    parts = param_groups(cfg).parts()   # the parts that train, in whole or through adapters
+    vit_kept = "vit" in parts
+    merger_kept = vit_kept or "merger" in parts
     saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
     merger = merger_kept * patches / vc.merge_unit * sum(
         m.shape[0] + m.shape[-1] / _act_shards(m.out_axis, sizes) for m in matmuls(config) if m.part == "merger") * b

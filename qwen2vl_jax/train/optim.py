@@ -26,7 +26,9 @@ import optax
 from qwen2vl_jax.train.config import GroupConfig, OptimConfig
 
 # The three parts of the model as rules: the ViT (patch embedding + blocks), the 2x2 merger, the LLM.
-PART_RULES = {"vit": r"^visual/(?!merger/)", "merger": r"^visual/merger/", "llm": r"^(?!visual/)"}
+# The merger part holds every merger: the 2x2 one and Qwen3-VL's DeepStack mergers (`visual/deepstack/<i>`).
+PART_RULES = {"vit": r"^visual/(?!(merger|deepstack)/)", "merger": r"^visual/(merger|deepstack)/",
+              "llm": r"^(?!visual/)"}
 # Weight decay by default on matrices only: kernels, embeddings and LoRA factors (quantised bases never train).
 DECAYED = ("kernel", "embedding", "lora_a", "lora_b")
 
@@ -140,7 +142,7 @@ def as_groups(spec, cfg: OptimConfig | None = None) -> Groups:
 def part_of(path: tuple[str, ...]) -> str:
     """The part (vit, merger, llm) a param belongs to, from its path in the params tree."""
     if path[0] == "visual":
-        return "merger" if path[1] == "merger" else "vit"
+        return "merger" if path[1] in ("merger", "deepstack") else "vit"
     return "llm"
 
 
