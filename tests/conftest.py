@@ -10,46 +10,37 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
-@pytest.fixture(scope="session")
-def hf_checkpoints(tmp_path_factory):
-    """name -> (our config, HF torch model, checkpoint dir) for the two tiny reference shapes."""
-    import hf_models
+def _saved_hf_models(tmp_path_factory, configs: dict, build, prefix: str, seed: int) -> dict:
+    """name -> (our config, HF torch model, checkpoint dir): each config's tiny random reference model, saved."""
     out = {}
-    for name, make in hf_models.CONFIGS.items():
+    for name, make in configs.items():
         cfg = make()
-        model = hf_models.build_hf(cfg, seed=len(out))
-        path = str(tmp_path_factory.mktemp(f"hf_{name}"))
+        model = build(cfg, seed=seed + len(out))
+        path = str(tmp_path_factory.mktemp(f"{prefix}_{name}"))
         model.save_pretrained(path)
         out[name] = (cfg, model, path)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """The two tiny Qwen2-VL reference shapes."""
+    import hf_models
+    return _saved_hf_models(tmp_path_factory, hf_models.CONFIGS, hf_models.build_hf, "hf", 0)
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoints_2_5(tmp_path_factory):
-    """name -> (our config, HF torch model, checkpoint dir) for the tiny Qwen2.5-VL reference shapes."""
+    """The tiny Qwen2.5-VL reference shapes."""
     import hf_models
-    out = {}
-    for name, make in hf_models.CONFIGS_2_5.items():
-        cfg = make()
-        model = hf_models.build_hf(cfg, seed=10 + len(out))
-        path = str(tmp_path_factory.mktemp(f"hf25_{name}"))
-        model.save_pretrained(path)
-        out[name] = (cfg, model, path)
-    return out
+    return _saved_hf_models(tmp_path_factory, hf_models.CONFIGS_2_5, hf_models.build_hf, "hf25", 10)
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoints_3(tmp_path_factory):
-    """name -> (our config, HF torch model, checkpoint dir) for the tiny Qwen3-VL reference shapes."""
+    """The tiny Qwen3-VL reference shapes."""
     import hf_models
-    out = {}
-    for name, make in hf_models.CONFIGS_3.items():
-        cfg = make()
-        model = hf_models.build_hf_3(cfg, seed=20 + len(out))
-        path = str(tmp_path_factory.mktemp(f"hf3_{name}"))
-        model.save_pretrained(path)
-        out[name] = (cfg, model, path)
-    return out
+    return _saved_hf_models(tmp_path_factory, hf_models.CONFIGS_3, hf_models.build_hf_3, "hf3", 20)
 
 
 @pytest.fixture(scope="session")

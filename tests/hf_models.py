@@ -105,6 +105,18 @@ def cases(cfg):
     return {k: {n: (np.asarray(v) if v is not None else None) for n, v in d.items()} for k, d in out.items()}
 
 
+def logits_error(hf, ours, inputs: dict) -> float:
+    """Largest |logits difference| between the reference `hf` and our model on the HF-style `inputs`, over the
+    positions the attention mask keeps (shapes checked equal)."""
+    with torch.no_grad():
+        ref = hf(**to_torch(inputs)).logits.numpy()
+    out = np.asarray(ours(**inputs))
+    mask = inputs.get("attention_mask")
+    valid = np.ones(ref.shape[:2], bool) if mask is None else mask.astype(bool)
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref)[valid].max())
+
+
 def to_torch(inputs: dict) -> dict:
     out = {}
     for k, v in inputs.items():
