@@ -125,3 +125,109 @@ def test_init_from_clip_and_qwen2_writes_the_report(setup, tmp_path):
     assert _equal(got, want)
     assert lines == [report.to_text()]
     assert (tmp_path / "run" / "load_report.txt").read_text().strip() == report.to_text().strip()
+
+
+# -- checkpoints written before the per-group optimizer ----------------------------------------------------
+
+def _old_tx(ocfg, parts):
+    """The optimizer of earlier versions (before parameter groups), as their make_optimizer built it: optax's
+    own chain, one AdamW per part behind the global-norm clip; its state is what their checkpoints hold."""
+    import optax
+    labels = lambda p: jax.tree_util.tree_map_with_path(lambda k, _: optim.part_of(tuple(x.key for x in k)), p)
+    decay = lambda p: jax.tree_util.tree_map_with_path(lambda k, _: k[-1].key in ("kernel", "embedding"), p)
+    tx = optax.multi_transform({p: optax.adamw(optim.schedule(ocfg, ocfg.lr), b1=ocfg.b1, b2=ocfg.b2,
+                                                eps=ocfg.eps, weight_decay=ocfg.weight_decay, mask=decay)
+                                for p in parts}, labels)
+    return optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), tx) if ocfg.clip_norm > 0 else tx
+
+
+def _as_old(old_tx, trainable, new_opt):
+    """`new_opt` (today's ScaleByAdamState) in the old layout: each part's Adam and schedule counts the count,
+    its mu and nu today's over its own leaves (the other parts' masked)."""
+    import optax
+    old = old_tx.init(trainable)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+    def fill(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            pick = lambda mine, full: jax.tree.map(lambda m, f: m if is_masked(m) else f, mine, full,
+                                                   is_leaf=is_masked)
+            return optax.ScaleByAdamState(count=new_opt.count, mu=pick(node.mu, new_opt.mu),
+                                          nu=pick(node.nu, new_opt.nu))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return optax.ScaleByScheduleState(count=new_opt.count)
+        return node
+    is_state = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+    return jax.tree.map(fill, old, is_leaf=is_state)
+
+
+def test_old_optimizer_layout_resumes_bit_for_bit(setup, tmp_path):
+    """A checkpoint whose optimizer state has the per-part layout restores into today's state exactly, and
+    the run continues from it bit for bit as from the state it was written from."""
+    import jax.numpy as jnp
+    from qwen2vl_jax.train.batches import stack_micro_batches
+    from qwen2vl_jax.train.step import StepFn
+    from train_utils import text_packed
+    cfg, module, tx, shardings = setup
+    mesh = sharding.make_mesh(1, 1, 1)
+    step = StepFn(mesh, shardings, module=module, tx=tx, parts=PARTS)
+    batch = {k: jnp.asarray(v) for k, v in stack_micro_batches([text_packed(cfg, ["red", "blue"], 2, 96)]).items()}
+    state = S.init_state(module, tx, PARTS, shardings, seed=0, params=random_params(module, 3))
+    for _ in range(2):
+        state, _ = step(state, batch)
+    state = jax.tree.map(np.asarray, state)   # host copies: the next step donates the device buffers
+    old_opt = _as_old(_old_tx(tx.cfg, PARTS), optim.split(state.params, PARTS)[0], state.opt_state)
+    assert hasattr(old_opt[1], "inner_states")   # (clip state, per-part states)
+    ckpts = ck.Checkpoints(str(tmp_path), async_save=False)
+    ckpts.save(S.TrainState(step=state.step, params=state.params, opt_state=old_opt, rng=state.rng), 2,
+               {"epoch": 0, "index": 4}, cfg, {"stage": 3})
+    ckpts.wait()
+    restored, data = ckpts.restore(S.abstract_state(module, tx, PARTS, shardings))
+    ckpts.close()
+    assert data == {"epoch": 0, "index": 4}
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(
+        jax.device_put(state, shardings))
+    assert _equal(restored, state)
+    assert all(x.sharding == s for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
+    resumed, _ = step(restored, batch)
+    straight, _ = step(jax.device_put(state, shardings), batch)
+    assert _equal(resumed, straight)
+
+
+def test_old_optimizer_layout_really_written_by_optax(setup, tmp_path):
+    """The old chain's own update (how the earlier optimizer stepped) -> the checkpoint -> today's state holds
+    each part's moments and the shared count, exactly; other parameter groups are refused in one line."""
+    cfg, module, tx, shardings = setup
+    old_tx = _old_tx(tx.cfg, PARTS)
+    params = random_params(module, 5)
+    trainable = optim.split(params, PARTS)[0]
+
+    @jax.jit
+    def two_updates(p):
+        st = old_tx.init(p)
+        for scale in (0.5, -0.25):
+            st = old_tx.update(jax.tree.map(lambda x: x * scale, p), st, p)[1]
+        return st
+    old_opt = two_updates(trainable)
+    ckpts = ck.Checkpoints(str(tmp_path), async_save=False)
+    ckpts.save(S.TrainState(step=jax.numpy.asarray(2, jax.numpy.int32), params=params, opt_state=old_opt,
+                            rng=jax.random.key_data(jax.random.key(0))), 2, None, cfg, {})
+    ckpts.wait()
+    restored, _ = ckpts.restore(S.abstract_state(module, tx, PARTS, shardings))
+    parts = old_opt[1].inner_states
+    assert int(restored.opt_state.count) == 2
+    for (path, m), v in zip(jax.tree_util.tree_flatten_with_path(restored.opt_state.mu)[0],
+                            jax.tree.leaves(restored.opt_state.nu)):
+        keys = tuple(k.key for k in path)
+        adam = parts[optim.part_of(keys)].inner_state[0]
+        node_m, node_v = adam.mu, adam.nu
+        for k in keys:
+            node_m, node_v = node_m[k], node_v[k]
+        assert np.array_equal(np.asarray(m), np.asarray(node_m)) and np.array_equal(np.asarray(v), np.asarray(node_v))
+
+    other = ("llm",)   # a run that trains other groups than the checkpoint's
+    tx2 = optim.make_optimizer(tx.cfg, other)
+    sh2 = S.state_shardings(module, tx2, other, sharding.make_mesh(1, 1, 1))
+    with pytest.raises(ValueError, match=r"checkpoints/2: its optimizer state has the layout.*init_from="):
+        ckpts.restore(S.abstract_state(module, tx2, other, sh2))
+    ckpts.close()

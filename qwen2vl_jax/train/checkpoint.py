@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -95,6 +96,13 @@ class Checkpoints:
         """(state placed as `abstract`'s shardings say, this host's data state or None) of `step` (default
         the latest)."""
         step = self.latest_step() if step is None else step
+        step_path = epath.Path(self.directory) / str(step)
+        meta = ocp.PyTreeCheckpointHandler().metadata(step_path / "state")
+        meta = meta if isinstance(meta, dict) else meta.tree
+        if _old_parts(meta.get("opt_state")) is not None:
+            state = restore_old_layout(str(step_path), meta, abstract)
+            out = self.manager.restore(step, args=ocp.args.Composite(data=HostJsonRestore()))
+            return state, out.data
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract.to_dict()), data=HostJsonRestore()))
         return TrainState.from_dict(out.state), out.data
@@ -108,6 +116,111 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# -- the optimizer-state layout of checkpoints written before parameter groups ------------------------------
+#
+# Up to the per-group optimizer, the optimizer was optax's own chain, one AdamW per trained part:
+#   optax.chain(optax.clip_by_global_norm(c), optax.multi_transform({part: adamw(schedule)}, labels))
+# (no chain when clip_norm = 0), `adamw` = chain(scale_by_adam, masked(add_decayed_weights), scale_by_schedule),
+# with float32 or stored-dtype moments. Its state on disk:
+#   opt_state = [None (the clip's EmptyState),
+#                {"inner_states": {part: {"inner_state": [{"count", "mu", "nu"}, {"inner_state": None},
+#                                                         {"count"}]}}}]
+# each part's mu and nu spanning the whole trainable tree with the other parts' leaves masked (None on disk).
+# Every part stepped together and only on finite steps, so each part's Adam count and schedule count equal the
+# one count of today's `optax.ScaleByAdamState`, and the union of the parts' moments is today's mu and nu:
+# the conversion is exact and a resumed run continues bit for bit.
+
+def _old_parts(opt_meta) -> dict | None:
+    """The per-part states of an opt_state in the old layout (metadata or arrays), else None."""
+    candidates = opt_meta if isinstance(opt_meta, (list, tuple)) else [opt_meta]
+    for c in candidates:
+        if isinstance(c, dict) and isinstance(c.get("inner_states"), dict):
+            return c["inner_states"]
+    return None
+
+
+def _drop_none(tree):
+    """A nested dict without its None leaves (masked entries) and the dicts they leave empty."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _drop_none(v) for k, v in tree.items() if v is not None}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def _old_layout_error(directory: str, why: str) -> ValueError:
+    return ValueError(f"{directory}: its optimizer state has the layout of the per-part optimizer of earlier "
+                      f"versions, and {why}; resume it with the parameter groups it was trained with, or start "
+                      f"a new run from its params only (init_from={directory})")
+
+
+def restore_old_layout(step_path: str, meta: dict, abstract: TrainState) -> TrainState:
+    """The TrainState of a step written with the old per-part optimizer state, converted to today's
+    `optax.ScaleByAdamState` placed as `abstract` says (exactly: see the layout above)."""
+    parts_meta = _old_parts(meta["opt_state"])
+    want = abstract.opt_state
+    if not isinstance(want, optax.ScaleByAdamState):
+        raise _old_layout_error(step_path, f"this run's optimizer state is a {type(want).__name__}")
+    mu_sh = {path: leaf for path, leaf in _flat(want.mu)}
+
+    def target_of(tree, what):
+        def one(path, m):
+            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            if keys not in mu_sh:
+                raise _old_layout_error(step_path, f"it holds {what} of {'/'.join(keys)}, which this run does "
+                                                   "not train")
+            t = mu_sh[keys]
+            return jax.ShapeDtypeStruct(tuple(m.shape), t.dtype, sharding=t.sharding)
+        return jax.tree_util.tree_map_with_path(one, _drop_none(tree))
+
+    count_t = jax.ShapeDtypeStruct((), want.count.dtype, sharding=want.count.sharding)
+    parts_target = {}
+    for part, st in parts_meta.items():
+        try:
+            adam, _, sched = st["inner_state"]
+            adam = {"count": count_t, "mu": target_of(adam["mu"], "moments"), "nu": target_of(adam["nu"], "moments")}
+            sched = {"count": count_t}
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ValueError) and "init_from=" in str(e):
+                raise
+            raise _old_layout_error(step_path, f"part {part!r} does not hold (adam, decay, schedule) states") from None
+        parts_target[part] = {"inner_state": [adam, st["inner_state"][1], sched]}
+    target = {k: v for k, v in abstract.to_dict().items() if k != "opt_state"}
+    target["opt_state"] = _old_target(meta["opt_state"], parts_target)
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+    restored = ocp.PyTreeCheckpointer().restore(storage.join(step_path, "state"), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    parts = _old_parts(restored["opt_state"])
+    counts = {}
+    mu, nu = {}, {}
+    from qwen2vl_jax.train import optim
+    for part, st in parts.items():
+        adam, _, sched = st["inner_state"]
+        counts[f"{part} adam"], counts[f"{part} schedule"] = int(adam["count"]), int(sched["count"])
+        mu, nu = optim.merge(mu, adam["mu"]), optim.merge(nu, adam["nu"])
+    if len(set(counts.values())) != 1:
+        raise _old_layout_error(step_path, f"its step counts differ ({counts})")
+    if jax.tree.structure(mu) != jax.tree.structure(want.mu):
+        missing = sorted(set(mu_sh) - {p for p, _ in _flat(mu)})
+        raise _old_layout_error(step_path, f"it holds no moments for {len(missing)} param(s) this run trains "
+                                           f"(e.g. {'/'.join(missing[0])})")
+    count = next(iter(parts.values()))["inner_state"][0]["count"]
+    restored["opt_state"] = optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return TrainState.from_dict(restored)
+
+
+def _flat(tree):
+    return [(tuple(str(getattr(k, "key", k)) for k in p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _old_target(opt_meta, parts_target: dict):
+    """The restore target of an old-layout opt_state: its structure as saved, the parts' arrays only (the
+    clip's and the weight decay's empty states hold nothing)."""
+    if isinstance(opt_meta, (list, tuple)):
+        return [_old_target(m, parts_target) if isinstance(m, dict) and "inner_states" in m else m
+                for m in opt_meta]
+    return {"inner_states": parts_target}
 
 
 # -- reading a checkpoint without its run config ---------------------------------------------------------
