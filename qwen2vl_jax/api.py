@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -181,8 +182,13 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
     """Load an HF Qwen2-VL or Qwen2.5-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
 
     `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
-    sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`). `adapter`: a peft LoRA
-    adapter dir to apply, unmerged (`merge_adapter()` folds it in; adapters are float32).
+    sharding (logical axes mapped by `rules`, default `qwen2vl_jax.sharding.RULES`; a dim the mesh does not
+    divide stays whole). `adapter`: a peft LoRA adapter dir to apply, unmerged (`merge_adapter()` folds it
+    in; adapters are float32), with a mesh too: the adapters split as `lora.logical_axes` says (A over its
+    kernel's input axis, B over its output axis). When the adapter was trained over a quantised base (its
+    dir has `base_quant.json`, as `save_adapter` and `train.py` write for `lora.quant`), the base is
+    quantised the same way (the head stays unquantised, as in training); its codes and scales split as the
+    kernel's do.
     """
     from qwen2vl_jax import storage
     if not storage.isdir(path):
@@ -190,20 +196,47 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
                                 "(a local path or a URL such as gs://bucket/model)")
     config = Qwen2VLConfig.from_pretrained(path)
     dt = _dtype(dtype)
+    spec = None
+    if adapter is not None:   # read (and checked) before the weights
+        from qwen2vl_jax import peft_io
+        if not storage.isdir(adapter):
+            raise FileNotFoundError(f"adapter {adapter}: not a directory; expected a peft LoRA adapter dir "
+                                    "(adapter_config.json + adapter_model.safetensors)")
+        peft_io.read_config(adapter)
     shardings = None
     if mesh is not None:
         from qwen2vl_jax import sharding
-        module = Qwen2VLModule(config, dtype=dt, param_dtype=dt)
-        shardings = sharding.tree_shardings(logical_specs(module), mesh, rules or sharding.RULES)
+        boxed = abstract_params(Qwen2VLModule(config, dtype=dt, param_dtype=dt))
+        shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), mesh, rules or sharding.RULES,
+                                            shapes=nn.meta.unbox(boxed))
     params = hf.load_params(path, config, dtype=np.dtype(dt), shardings=shardings)
     if adapter is None:
         return Qwen2VL(config, params, dtype=dt, **kw)
-    if mesh is not None:
-        raise NotImplementedError("load_pretrained(adapter=...) with a mesh: load without one, or place the "
-                                  "params yourself")
-    from qwen2vl_jax import peft_io
+    from qwen2vl_jax import lora, peft_io
     spec, params = peft_io.load_adapter(adapter, config, params)
-    return Qwen2VL(config, jax.tree.map(jnp.asarray, params), dtype=dt, adapter=spec, **kw)
+    if spec.quant != "none":   # the unquantised matrices stay in `dtype`
+        spec = dataclasses.replace(spec, base_dtype=str(jnp.dtype(dt)))
+    prepare = lambda p: lora.prepare_base(p, spec) if spec.quant != "none" else p
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = adapted_shardings(config, jax.eval_shape(prepare, params), mesh, rules, dt)
+    if spec.quant != "none":   # the base as training stored it: quantised Dense kernels, the head as it is
+        params = jax.jit(prepare, out_shardings=out_shardings)(params)
+    elif out_shardings is not None:   # the base is in place already; the adapters go to their shards
+        params = jax.device_put(params, out_shardings)
+    else:
+        params = jax.tree.map(jnp.asarray, params)
+    return Qwen2VL(config, params, dtype=dt, adapter=spec, **kw)
+
+
+def adapted_shardings(config: Qwen2VLConfig, shapes, mesh, rules=None, dtype=jnp.float32):
+    """NamedShardings of an adapted params tree of `shapes` on `mesh`: the base's logical axes, the adapters'
+    and quantised kernels' from `lora.logical_axes`, each dim split only where the mesh divides it."""
+    from qwen2vl_jax import lora, sharding
+    base_axes = logical_specs(Qwen2VLModule(config, dtype=dtype, param_dtype=dtype))
+    axes = lora.logical_axes(shapes, base_axes)
+    specs = jax.tree.map(lambda a: jax.sharding.PartitionSpec(*a), axes, is_leaf=lambda x: isinstance(x, tuple))
+    return sharding.tree_shardings(specs, mesh, rules or sharding.RULES, shapes=shapes)
 
 
 __all__ = ["Qwen2VL", "load_pretrained", "ConfigError"]

@@ -206,14 +206,18 @@ def adapter_params(params: dict) -> dict:
 def logical_axes(params: dict, base_axes: dict) -> dict:
     """Logical axis names for every leaf of an adapted params tree, from those of the base (`base_axes`:
     the model's tree of PartitionSpecs / axis tuples): A takes the kernel's input axis, B its output axis, the
-    rank is never split; a quantised kernel keeps the kernel's axes, its scales the output axis."""
+    rank is never split; a quantised kernel keeps the kernel's axes; its scales the output axis and, for 4-bit
+    kernels (one scale per group of input rows: shape (..., in / group, out)), the input axis on the group
+    axis too, so they split over FSDP as the codes do (where the mesh divides the group count:
+    `sharding.fit_spec`). int8's one row of scales per column stays whole."""
     def axes_of(path, leaf):
         *mod, name = path
         if name in ("lora_a", "lora_b", "kernel_q", "kernel_scale"):
             k = tuple(_at(base_axes, tuple(mod) + ("kernel",)))
             lead, (ax_in, ax_out) = k[:-2], k[-2:]
+            groups = ax_in if name == "kernel_scale" and leaf.shape[-2] > 1 else None
             return {"lora_a": (*lead, ax_in, None), "lora_b": (*lead, None, ax_out), "kernel_q": k,
-                    "kernel_scale": (*lead, None, ax_out)}[name]
+                    "kernel_scale": (*lead, groups, ax_out)}[name]
         return tuple(_at(base_axes, tuple(path)))
     return jax.tree_util.tree_map_with_path(lambda p, x: axes_of(tuple(k.key for k in p), x), params)
 

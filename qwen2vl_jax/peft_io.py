@@ -10,6 +10,7 @@ matches either, so `PeftModel.from_pretrained` loads it on both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -21,6 +22,10 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.lora import ADAPTABLE, Adapter, AdapterError, _at, _replace, dense_modules, kernel_shape
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# How the base the adapters were trained over was stored, when quantised (peft's adapter_config.json has no
+# such field and peft ignores other files): {"quant": "nf4", "quant_group": 64}. `load_pretrained(base,
+# adapter=DIR)` quantises the base the same way, so the adapters run over the base they were trained with.
+BASE_FILE = "base_quant.json"
 PREFIX = "base_model.model."
 
 
@@ -87,6 +92,11 @@ def save_adapter(params: dict, config: Qwen2VLConfig, adapter: Adapter, path: st
     }
     storage.makedirs(path)
     storage.write_text(storage.join(path, CONFIG_FILE), json.dumps(cfg, indent=2) + "\n")
+    if adapter.quant != "none":
+        storage.write_text(storage.join(path, BASE_FILE),
+                           json.dumps({"quant": adapter.quant, "quant_group": adapter.quant_group}) + "\n")
+    elif storage.exists(storage.join(path, BASE_FILE)):
+        storage.remove(storage.join(path, BASE_FILE))
     hf.write_safetensors(storage.join(path, WEIGHTS_FILE), tensors)
 
 
@@ -111,8 +121,17 @@ def read_config(path: str) -> Adapter:
         problems.append("fan_in_fan_out")
     if problems:
         raise AdapterError(f"{file}: unsupported adapter features: {'; '.join(problems)}")
+    base = {}
+    base_file = storage.join(path, BASE_FILE)
+    if storage.exists(base_file):
+        try:
+            b = json.loads(storage.read_text(base_file))
+            base = {"quant": str(b["quant"]), "quant_group": int(b.get("quant_group", 64))}
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterError(f"{base_file}: expected {{\"quant\": \"nf4\", \"quant_group\": 64}} ({e}); fix or "
+                               "delete it (then the base loads unquantised)") from None
     return Adapter(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), rslora=bool(c.get("use_rslora", False)),
-                   dropout=float(c.get("lora_dropout", 0.0)))
+                   dropout=float(c.get("lora_dropout", 0.0)), **base)
 
 
 def load_adapter(path: str, config: Qwen2VLConfig, params: dict, dtype=np.float32) -> tuple[Adapter, dict]:
@@ -163,6 +182,5 @@ def load_adapter(path: str, config: Qwen2VLConfig, params: dict, dtype=np.float3
         else:
             a, b = get("A", None), get("B", None)
         out = _replace(out, mod, lambda l, a=a, b=b: {**l, "lora_a": a.astype(dtype), "lora_b": b.astype(dtype)})
-    adapter = Adapter(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout,
-                      targets="^(" + "|".join(re.escape("/".join(m)) for m in sorted(found)) + ")$")
+    adapter = dataclasses.replace(adapter, targets="^(" + "|".join(re.escape("/".join(m)) for m in sorted(found)) + ")$")
     return adapter, out

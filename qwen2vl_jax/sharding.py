@@ -72,10 +72,32 @@ def logical_to_mesh_spec(logical: PartitionSpec | Sequence | None, rules=RULES) 
     return nn.logical_to_mesh_axes(tuple(logical), rules)
 
 
-def tree_shardings(logical_specs, mesh: Mesh, rules=RULES):
-    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), logical_specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+def fit_spec(logical, shape: Sequence[int], sizes, rules=RULES) -> PartitionSpec:
+    """The mesh PartitionSpec of an array of `shape` with logical axes `logical`, each dim split only where its
+    mesh axes divide it (`sizes`: mesh axis -> size); a dim they do not divide stays whole. E.g. the group
+    axis of 4-bit scales (input size / group rows: 56 for a 3584-wide input in groups of 64) splits over an
+    8-way FSDP axis like the codes do, and stays whole at 16-way."""
+    spec = tuple(logical_to_mesh_spec(logical, rules))
+    out = []
+    for dim, axis in zip(shape, spec + (None,) * (len(shape) - len(spec))):
+        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        n = int(np.prod([sizes[a] for a in axes])) if axes else 1
+        out.append(axis if n == 1 or dim % n == 0 else None)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def tree_shardings(logical_specs, mesh: Mesh, rules=RULES, shapes=None):
+    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`. With `shapes` (a matching
+    pytree of arrays or ShapeDtypeStructs), a dim the mesh axes do not divide stays whole (`fit_spec`)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
+    if shapes is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), logical_specs,
+                            is_leaf=is_spec)
+    sizes = dict(mesh.shape)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s or (), x.shape, sizes, rules)), logical_specs,
+                        shapes, is_leaf=is_spec)
 
 
 # -- batches ----------------------------------------------------------------------------------------

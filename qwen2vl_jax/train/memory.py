@@ -59,6 +59,16 @@ def _shards(spec, sizes) -> int:
     return n
 
 
+def _param_shards(spec, shape, sizes) -> int:
+    """How many ways a param of `shape` splits: as `state.param_shardings` places it (`sharding.fit_spec`: a
+    dim its mesh axes do not divide stays whole)."""
+    n = 1
+    for axis in sharding.fit_spec(spec or (), shape, sizes):
+        for a in ((axis,) if isinstance(axis, str) else (axis or ())):
+            n *= sizes[a]
+    return n
+
+
 MOMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -70,9 +80,9 @@ def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum:
     boxed = api.abstract_params(lora.adapted(Qwen2VLModule(config), adapter))
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
-    stored = jax.tree.map(lambda s, spec: math.prod(s.shape) * s.dtype.itemsize / _shards(spec, sizes), shapes,
+    stored = jax.tree.map(lambda s, spec: math.prod(s.shape) * s.dtype.itemsize / _param_shards(spec, s.shape, sizes), shapes,
                           specs, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    per_leaf = jax.tree.map(lambda s, spec: math.prod(s.shape) * 4 / _shards(spec, sizes), shapes, specs,
+    per_leaf = jax.tree.map(lambda s, spec: math.prod(s.shape) * 4 / _param_shards(spec, s.shape, sizes), shapes, specs,
                             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, _ = optim.split(per_leaf, parts)
     p, t = sum(jax.tree.leaves(stored)), sum(jax.tree.leaves(trainable))

@@ -39,7 +39,9 @@ class TrainState:
 
 
 def param_shardings(module: Qwen2VLModule, mesh: Mesh, rules=sharding.RULES):
-    return sharding.tree_shardings(api.logical_specs(module), mesh, rules)
+    """Each param's NamedSharding: its logical axes on `mesh`, a dim split only where its mesh axes divide it."""
+    boxed = api.abstract_params(module)
+    return sharding.tree_shardings(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.meta.unbox(boxed))
 
 
 def _path_keys(path) -> tuple:
