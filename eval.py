@@ -3,12 +3,14 @@
 
     python eval.py                                  # the demo: latest checkpoint of `python train.py`,
                                                     # scored on the generated held-out set
-    python eval.py --checkpoint DIR [--data FILE.jsonl] [--config configs/eval.yaml] [key=value ...]
+    python eval.py --checkpoint DIR [--data FILE.jsonl] [--adapter ADAPTER] [--config configs/eval.yaml] [key=value ...]
 
 DIR is a Hugging Face checkpoint (config.json + *.safetensors) or an orbax training checkpoint (a workdir, its
-checkpoints/ directory or one step directory). Records use the training format (docs/design.md, "Data format"); the last
-assistant turn of each is the reference answer. Writes <out>/predictions.jsonl and <out>/metrics.json and
-prints the metrics. Every key of configs/eval.yaml can be overridden as key=value (e.g. prompt_style=lmms
+checkpoints/ directory or one step directory); the checkpoint of a `lora:` run is evaluated with its adapters,
+unmerged, over its base rebuilt as the run built it. ADAPTER is a peft LoRA adapter dir (ours or peft's), applied
+unmerged on top of DIR (its base quantised as the adapter's base_quant.json says). Records use the training format
+(docs/design.md, "Data format"); the last assistant turn of each is the reference answer. Writes
+<out>/predictions.jsonl and <out>/metrics.json and prints the metrics. Every key of configs/eval.yaml can be overridden as key=value (e.g. prompt_style=lmms
 batch_size=16 max_new_tokens=16).
 """
 
@@ -37,8 +39,9 @@ class Mesh:
 class EvalConfig:
     checkpoint: str = ""            # HF dir or orbax workdir / step dir; empty = the demo run's latest checkpoint
     data: str = ""                  # JSONL; empty = the demo's held-out set
-    out: str = ""                   # output dir; empty = <workdir>/eval/<step>/<data name> (orbax) or
-    #                                 <checkpoint>/eval/<data name> (HF)
+    adapter: str = ""               # peft LoRA adapter dir applied unmerged on top of the checkpoint; empty = none
+    out: str = ""                   # output dir; empty = <workdir>/eval/<step>/<data name> (orbax),
+    #                                 <checkpoint>/eval/<data name> (HF) or <adapter>/eval/<data name>
     prompt_style: str = "plain"     # plain | lmms (appends "Answer the question using a single word or phrase.")
     metrics: list[str] = dataclasses.field(default_factory=lambda: list(METRICS))
     batch_size: int = 8             # prompts per generate call (the last batch is padded to it)
@@ -158,27 +161,74 @@ def output_dir(base: str, data: str) -> str:
     return f"{out}-{hashlib.sha1(storage.abspath(data).encode()).hexdigest()[:8]}"
 
 
-def load_model(cfg: EvalConfig, ckpt_dir: str):
-    """The Qwen2VL of an HF dir or orbax step dir, placed on a mesh when more than one device is visible."""
+def load_model(cfg: EvalConfig, ckpt_dir: str, run=None):
+    """The Qwen2VL of an HF dir or orbax step dir (`run`: its training RunConfig, when readable), with
+    `cfg.adapter` on top, placed on a mesh when more than one device is visible. The checkpoint of a LoRA run
+    holds its adapters only: its base is rebuilt as the run built it (`init_from`, quantised as `lora.quant`
+    says), and the model runs with the adapters unmerged."""
     import jax
     import qwen2vl_jax as qv
-    from qwen2vl_jax import sharding
+    from qwen2vl_jax import api, lora, sharding
+    from qwen2vl_jax.api import Qwen2VL
     mesh = None
     if jax.device_count() > 1:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if is_hf_dir(ckpt_dir):
-        return qv.load_pretrained(ckpt_dir, dtype=cfg.dtype, mesh=mesh)
-    from qwen2vl_jax.api import Qwen2VL, logical_specs
-    from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+        return qv.load_pretrained(ckpt_dir, dtype=cfg.dtype, mesh=mesh, adapter=cfg.adapter or None)
     from qwen2vl_jax.train import checkpoint
     config = checkpoint.read_model_config(ckpt_dir)
-    shardings = None
-    if mesh is not None:
-        shardings = sharding.tree_shardings(logical_specs(Qwen2VLModule(config)), mesh)
+    shapes = checkpoint.param_shapes(ckpt_dir)
+    shardings = None if mesh is None else api.adapted_shardings(config, shapes, mesh)
     config, params = checkpoint.restore_params(ckpt_dir, shardings=shardings)
-    dtype = jax.numpy.bfloat16 if cfg.dtype == "bfloat16" else jax.numpy.float32
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return Qwen2VL(config, params, dtype=cfg.dtype)
+    spec = None
+    if lora.has_adapters(params):
+        if cfg.adapter:
+            raise ValueError(f"{ckpt_dir} is the checkpoint of a LoRA run (it holds adapters); evaluate it without "
+                             f"adapter=, or give adapter={cfg.adapter} with the base checkpoint")
+        spec, params = lora_run_params(ckpt_dir, run, config, params, mesh)
+    params = cast_params(params, cfg.dtype)
+    if cfg.adapter:
+        spec, params = api.attach_adapter(config, params, cfg.adapter, cfg.dtype, mesh)
+    return Qwen2VL(config, params, dtype=cfg.dtype, adapter=spec)
+
+
+def cast_params(params: dict, dtype: str) -> dict:
+    """The float params in `dtype`; quantised codes, their scales and LoRA factors (float32) as they are."""
+    import jax
+    import jax.numpy as jnp
+    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    keep = ("lora_a", "lora_b", "kernel_scale")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and p[-1].key not in keep else x, params)
+
+
+def lora_run_params(ckpt_dir: str, run, config, adapters: dict, mesh):
+    """(the run's lora.Adapter, its whole params tree): the base as the LoRA run built it (`init_from` or its
+    seed's random init, quantised / cast as `lora:` says) with the checkpoint's trained adapters."""
+    import jax
+    from qwen2vl_jax import lora, sharding
+    from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
+    from qwen2vl_jax.train import loop, optim
+    from qwen2vl_jax.train.config import adapter as run_adapter, param_groups
+    from qwen2vl_jax.train.state import param_shardings
+    if run is None or run.lora.r <= 0:
+        raise ValueError(f"{ckpt_dir}: the checkpoint holds LoRA adapters but not the run config they were trained "
+                         "with (its `run` item is missing or unreadable), so its base cannot be rebuilt; export the "
+                         "adapter with save_adapter and evaluate --checkpoint BASE --adapter DIR")
+    spec = run_adapter(run)
+    module = lora.adapted(Qwen2VLModule(config), spec)
+    mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+
+    class Placed:   # what loop.adapted_params reads of a TrainState of shardings
+        params = param_shardings(module, mesh)
+    try:
+        params = loop.adapted_params(run, config, Qwen2VLModule(config), spec, Placed, mesh, lambda s: None)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ckpt_dir}: the LoRA run's base init_from={run.init_from} cannot be read ({e}); "
+                                "the checkpoint holds the adapters only, so evaluate from where the run could read "
+                                "its base") from None
+    frozen = optim.split(params, param_groups(run))[1]
+    return spec, optim.merge(jax.device_put(adapters, optim.split(Placed.params, param_groups(run))[0]), frozen)
 
 
 def check_examples(examples, on_error) -> list:
@@ -217,13 +267,14 @@ def run(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", help="HF checkpoint dir, or an orbax training workdir / step dir")
     parser.add_argument("--data", help="JSONL evaluation set (training format; last assistant turn = reference)")
+    parser.add_argument("--adapter", help="peft LoRA adapter dir applied unmerged on top of the checkpoint")
     parser.add_argument("--config", default=None, help="YAML config (default: configs/eval.yaml when present)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
     default_yaml = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval.yaml")
     cfg = load_config(args.config or (default_yaml if os.path.exists(default_yaml) else None),
                       args.overrides + [f"checkpoint={args.checkpoint}"] * bool(args.checkpoint)
-                      + [f"data={args.data}"] * bool(args.data))
+                      + [f"data={args.data}"] * bool(args.data) + [f"adapter={args.adapter}"] * bool(args.adapter))
     cfg.checkpoint = cfg.checkpoint or demo_workdir()
 
     from qwen2vl_jax.data import DataError
@@ -231,6 +282,10 @@ def run(argv: list[str] | None = None) -> dict:
     from qwen2vl_jax.infer import evaluate as ev
 
     ckpt_dir, out_base, run = find_checkpoint(cfg)
+    if cfg.adapter:
+        from qwen2vl_jax import peft_io
+        peft_io.read_config(cfg.adapter)   # a bad adapter dir fails before anything is read or loaded
+        out_base = storage.join(cfg.adapter, "eval")
     cfg.data = cfg.data or default_data(run, ckpt_dir)
     skipped = []
 
@@ -244,7 +299,7 @@ def run(argv: list[str] | None = None) -> dict:
     examples = check_examples(ev.read_examples(cfg.data, cfg.prompt_style, cfg.limit or None, on_error), on_error)
     if not examples:
         raise DataError(f"{cfg.data}: no evaluation record is usable")
-    model = load_model(cfg, ckpt_dir)
+    model = load_model(cfg, ckpt_dir, run)
     processor = make_processor(cfg, model.config, ckpt_dir, run)
     baseline = cfg.baseline_data
     if not baseline and synthetic_dir(run, ckpt_dir):
@@ -259,7 +314,8 @@ def run(argv: list[str] | None = None) -> dict:
     report = ev.evaluate(model, processor, examples, gen, cfg.batch_size, cfg.metrics, cfg.seed, cfg.progress,
                          prior, on_error)
     out = cfg.out or output_dir(out_base, cfg.data)
-    extra = {"checkpoint": storage.abspath(ckpt_dir), "data": storage.abspath(cfg.data),
+    extra = {"checkpoint": storage.abspath(ckpt_dir), "adapter": storage.abspath(cfg.adapter) if cfg.adapter else None,
+             "data": storage.abspath(cfg.data),
              "prompt_style": cfg.prompt_style, "skipped": len(skipped),
              "baseline_fitted_on": storage.abspath(baseline) if baseline else storage.abspath(cfg.data),
              "generation": dataclasses.asdict(gen)}
@@ -267,7 +323,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     m = report.metrics
     base = m["majority_baseline"]
-    print(f"{m['count']} examples from {cfg.data}, checkpoint {ckpt_dir}")
+    print(f"{m['count']} examples from {cfg.data}, checkpoint {ckpt_dir}"
+          + (f", adapter {cfg.adapter}" if cfg.adapter else ""))
     for name in cfg.metrics:
         print(f"  {name:<17} {100 * m[name]:6.2f}   (majority baseline {100 * base[name]:6.2f})")
     if m.get("by_task"):

@@ -178,7 +178,7 @@ def _np(x):
 
 
 def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: str | None = None,
-                    **kw) -> Qwen2VL:
+                    base_quant: str | None = None, **kw) -> Qwen2VL:
     """Load an HF Qwen2-VL or Qwen2.5-VL checkpoint directory (config.json + *.safetensors, optionally sharded).
 
     `dtype` sets both the param and compute dtype. With a `mesh`, every tensor is created directly in its
@@ -188,7 +188,9 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
     kernel's input axis, B over its output axis). When the adapter was trained over a quantised base (its
     dir has `base_quant.json`, as `save_adapter` and `train.py` write for `lora.quant`), the base is
     quantised the same way (the head stays unquantised, as in training); its codes and scales split as the
-    kernel's do.
+    kernel's do, and its other matrices (embeddings, head) are stored as the file says (`lora.base_dtype`).
+    `base_quant` overrides that: "none" keeps the base unquantised in `dtype` (as peft loads the adapter),
+    "int8" / "nf4" / "int4" quantise it so.
     """
     from qwen2vl_jax import storage
     if not storage.isdir(path):
@@ -196,7 +198,6 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
                                 "(a local path or a URL such as gs://bucket/model)")
     config = Qwen2VLConfig.from_pretrained(path)
     dt = _dtype(dtype)
-    spec = None
     if adapter is not None:   # read (and checked) before the weights
         from qwen2vl_jax import peft_io
         if not storage.isdir(adapter):
@@ -212,9 +213,24 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
     params = hf.load_params(path, config, dtype=np.dtype(dt), shardings=shardings)
     if adapter is None:
         return Qwen2VL(config, params, dtype=dt, **kw)
+    spec, params = attach_adapter(config, params, adapter, dt, mesh, rules, base_quant)
+    return Qwen2VL(config, params, dtype=dt, adapter=spec, **kw)
+
+
+def attach_adapter(config: Qwen2VLConfig, params: dict, adapter: str, dtype=jnp.float32, mesh=None, rules=None,
+                   base_quant: str | None = None):
+    """(the lora.Adapter, the params of base `params` with the peft adapter dir `adapter` on them), the base
+    quantised as `base_quant` or else the adapter's `base_quant.json` says (its other matrices stored as that
+    file says, else in `dtype`), everything placed on `mesh` when given (`adapted_shardings`)."""
     from qwen2vl_jax import lora, peft_io
+    if lora.has_adapters(params):
+        raise lora.AdapterError(f"adapter {adapter}: the model already holds adapters; merge them first "
+                                "(merge_adapter()) or load the base without them")
     spec, params = peft_io.load_adapter(adapter, config, params)
-    if spec.quant != "none":   # the unquantised matrices stay in `dtype`
+    dt = _dtype(dtype)
+    if base_quant is not None and base_quant != spec.quant:   # the unquantised matrices stay in `dtype`
+        spec = dataclasses.replace(spec, quant=base_quant, base_dtype=str(jnp.dtype(dt)))
+    if not peft_io.base_storage(adapter) and spec.quant != "none":
         spec = dataclasses.replace(spec, base_dtype=str(jnp.dtype(dt)))
     prepare = lambda p: lora.prepare_base(p, spec) if spec.quant != "none" else p
     out_shardings = None
@@ -226,7 +242,7 @@ def load_pretrained(path: str, dtype="float32", mesh=None, rules=None, adapter: 
         params = jax.device_put(params, out_shardings)
     else:
         params = jax.tree.map(jnp.asarray, params)
-    return Qwen2VL(config, params, dtype=dt, adapter=spec, **kw)
+    return spec, params
 
 
 def adapted_shardings(config: Qwen2VLConfig, shapes, mesh, rules=None, dtype=jnp.float32):

@@ -23,8 +23,9 @@ from qwen2vl_jax.lora import ADAPTABLE, Adapter, AdapterError, _at, _replace, de
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # How the base the adapters were trained over was stored, when quantised (peft's adapter_config.json has no
-# such field and peft ignores other files): {"quant": "nf4", "quant_group": 64}. `load_pretrained(base,
-# adapter=DIR)` quantises the base the same way, so the adapters run over the base they were trained with.
+# such field and peft ignores other files): {"quant": "nf4", "quant_group": 64, "base_dtype": "bfloat16"} (the
+# storage of its unquantised matrices: embeddings, head). `load_pretrained(base, adapter=DIR)` stores the base
+# the same way, so the adapters run over the base they were trained with.
 BASE_FILE = "base_quant.json"
 PREFIX = "base_model.model."
 
@@ -94,7 +95,8 @@ def save_adapter(params: dict, config: Qwen2VLConfig, adapter: Adapter, path: st
     storage.write_text(storage.join(path, CONFIG_FILE), json.dumps(cfg, indent=2) + "\n")
     if adapter.quant != "none":
         storage.write_text(storage.join(path, BASE_FILE),
-                           json.dumps({"quant": adapter.quant, "quant_group": adapter.quant_group}) + "\n")
+                           json.dumps({"quant": adapter.quant, "quant_group": adapter.quant_group,
+                                       "base_dtype": adapter.base_dtype}) + "\n")
     elif storage.exists(storage.join(path, BASE_FILE)):
         storage.remove(storage.join(path, BASE_FILE))
     hf.write_safetensors(storage.join(path, WEIGHTS_FILE), tensors)
@@ -127,11 +129,18 @@ def read_config(path: str) -> Adapter:
         try:
             b = json.loads(storage.read_text(base_file))
             base = {"quant": str(b["quant"]), "quant_group": int(b.get("quant_group", 64))}
+            if "base_dtype" in b:
+                base["base_dtype"] = str(b["base_dtype"])
         except (ValueError, KeyError, TypeError) as e:
             raise AdapterError(f"{base_file}: expected {{\"quant\": \"nf4\", \"quant_group\": 64}} ({e}); fix or "
                                "delete it (then the base loads unquantised)") from None
     return Adapter(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), rslora=bool(c.get("use_rslora", False)),
                    dropout=float(c.get("lora_dropout", 0.0)), **base)
+
+
+def base_storage(path: str) -> bool:
+    """Whether the adapter dir `path` says how its base was stored (`BASE_FILE`)."""
+    return storage.exists(storage.join(path, BASE_FILE))
 
 
 def load_adapter(path: str, config: Qwen2VLConfig, params: dict, dtype=np.float32) -> tuple[Adapter, dict]:

@@ -139,3 +139,87 @@ def test_bad_records_and_budget(tiny_hf, tmp_path):
     with pytest.raises(Exception, match="unknown key batchsize; did you mean batch_size"):
         cli.run(["--checkpoint", path, "--data", data, "batchsize=2"])
     assert cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", data]) == 2   # a message, no traceback
+
+
+def _predictions(out_dir):
+    return [json.loads(x)["prediction"] for x in open(os.path.join(out_dir, "predictions.jsonl"))]
+
+
+def _scores(out_dir):
+    m = json.load(open(os.path.join(out_dir, "metrics.json")))
+    return {k: m[k] for k in ("exact_match", "vqa_accuracy", "anls", "relaxed_accuracy", "count")}
+
+
+@pytest.mark.slow   # four evaluations: ~35 s on 2 cores (test_eval_with_a_peft_adapter covers the default run)
+def test_eval_with_an_unmerged_adapter(tiny_hf, tmp_path):
+    """`--adapter DIR` (ours, then peft's own) evaluates the base with the adapter unmerged: the answers and
+    metrics of the merged model, not those of the base. The orbax checkpoint of a `lora:` run (adapters only)
+    evaluates with its adapters over the base the run rebuilt."""
+    cfg, path = tiny_hf
+    base = qv.load_pretrained(path)
+    model = base.add_adapter(r=4, alpha=8, targets="all-linear")
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    model.params = jax.tree_util.tree_map_with_path(   # B is zero at init: make the adapter change the answers
+        lambda p, x: x + 0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "lora_b" else x, model.params)
+    ours = str(tmp_path / "ours")
+    model.save_adapter(ours)
+    merged = str(tmp_path / "merged")
+    model.merge_adapter().save_pretrained(merged)
+
+    cli = _cli()
+    data = _write_set(tmp_path, ["x", "x", "x"])
+    common = ["--data", data, "batch_size=2", "max_new_tokens=6", "prompt_style=lmms", "progress=false",
+              f"processor={path}"]
+    res = cli.run(["--checkpoint", path, "--adapter", ours, *common])
+    assert res["adapter"] == os.path.abspath(ours)
+    with_adapter = _predictions(os.path.join(ours, "eval", "set"))   # its own output dir by default
+    cli.run(["--checkpoint", merged, *common, f"out={tmp_path / 'm'}"])
+    cli.run(["--checkpoint", path, *common, f"out={tmp_path / 'b'}"])
+    assert with_adapter == _predictions(tmp_path / "m")
+    assert _scores(os.path.join(ours, "eval", "set")) == _scores(tmp_path / "m")
+    assert any(with_adapter) and with_adapter != _predictions(tmp_path / "b"), with_adapter
+
+    # The orbax checkpoint of a LoRA run holds the adapters only; its run config says how to rebuild the base.
+    from qwen2vl_jax.train import optim
+    from qwen2vl_jax.train.checkpoint import Checkpoints
+    from qwen2vl_jax.train.config import load, param_groups
+    from qwen2vl_jax.train.state import TrainState
+    run_cfg = load(None, [f"init_from={path}", "lora.r=4", "lora.alpha=8", "lora.targets=all-linear",
+                          "lora.base_dtype=float32"])
+    workdir = tmp_path / "run"
+    ckpts = Checkpoints(str(workdir), async_save=False)
+    adapters = optim.split(model.params, param_groups(run_cfg))[0]
+    assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]} == {"lora_a", "lora_b"}
+    ckpts.save(TrainState(step=jax.numpy.int32(5), params=adapters, opt_state={}, rng=jax.numpy.zeros(2, "uint32")),
+               5, None, cfg, run_cfg.to_dict())
+    ckpts.close()
+    cli.run(["--checkpoint", str(workdir), *common])
+    assert _predictions(workdir / "eval" / "5" / "set") == with_adapter
+    with pytest.raises(ValueError, match="checkpoint of a LoRA run"):
+        cli.run(["--checkpoint", str(workdir), "--adapter", ours, *common])
+
+
+def test_eval_with_a_peft_adapter(tiny_hf, tmp_path):
+    """An adapter written by peft itself, unmerged here == peft's merge_and_unload checkpoint."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+    cfg, path = tiny_hf
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv", "fc1"],
+                                               init_lora_weights=False))   # random B: a non-trivial adapter
+    adapter = str(tmp_path / "peft")
+    peft_model.save_pretrained(adapter)
+    merged = str(tmp_path / "merged")
+    peft_model.merge_and_unload().save_pretrained(merged)
+
+    cli = _cli()
+    common = ["--data", _write_set(tmp_path, ["x", "x", "x"]), "batch_size=2", "max_new_tokens=6",
+              "prompt_style=lmms", "progress=false", f"processor={path}"]
+    cli.run(["--checkpoint", path, "--adapter", adapter, *common, f"out={tmp_path / 'a'}"])
+    cli.run(["--checkpoint", merged, *common, f"out={tmp_path / 'm'}"])
+    cli.run(["--checkpoint", path, *common, f"out={tmp_path / 'b'}"])
+    assert _predictions(tmp_path / "a") == _predictions(tmp_path / "m")
+    assert _scores(tmp_path / "a") == _scores(tmp_path / "m")
+    assert any(_predictions(tmp_path / "a")) and _predictions(tmp_path / "a") != _predictions(tmp_path / "b")

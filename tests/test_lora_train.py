@@ -55,10 +55,30 @@ def test_lora_resume_checkpoint_and_peft_export(tmp_path, hf_checkpoints):
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "straight" / "adapter")).eval()
     with torch.no_grad():
         ref = peft_model(**hf_models.to_torch(inputs)).logits.numpy()
-    ours = qv.load_pretrained(path, adapter=str(tmp_path / "straight" / "adapter"))
+    ours = qv.load_pretrained(path, adapter=str(tmp_path / "straight" / "adapter"), base_quant="none")
     np.testing.assert_allclose(np.asarray(ours(**inputs)), ref, rtol=0, atol=1e-4)
+    # By default the adapter's base_quant.json (lora.quant of the run) quantises the base as the run did:
+    # the merged export's model.
+    trained = qv.load_pretrained(path, adapter=str(tmp_path / "straight" / "adapter"))
+    assert trained.adapter.quant == "int8" and "kernel_q" in trained.params["model"]["layers"]["q_proj"]
+    np.testing.assert_allclose(np.asarray(trained(**inputs)), ours_merged, rtol=0, atol=1e-4)
     base = qv.load_pretrained(path)
     assert np.abs(ref - np.asarray(base(**inputs))).max() > 1e-3          # the adapter learnt something
+
+    # eval.py on the run's checkpoint (adapters only) evaluates with them, over the int8 base the run rebuilt:
+    # the merged export's model (its logits), not the base, and the same answers as the export.
+    from qwen2vl_jax.data import synthetic
+    from test_eval_cli import _cli, _predictions
+    cli = _cli()
+    step_dir, _, run_cfg = cli.find_checkpoint(cli.load_config(None, [f"checkpoint={tmp_path / 'straight'}"]))
+    evaluated = cli.load_model(cli.load_config(None, []), step_dir, run_cfg)
+    assert evaluated.adapter is not None and evaluated.adapter.quant == "int8"
+    np.testing.assert_allclose(np.asarray(evaluated(**inputs)), ours_merged, rtol=0, atol=1e-4)
+    common = ["--data", synthetic.heldout_path(str(shared / "synthetic")), "limit=6", "batch_size=3",
+              "max_new_tokens=4", "progress=false"]
+    cli.run(["--checkpoint", str(tmp_path / "straight"), *common, f"out={tmp_path / 'e_run'}"])
+    cli.run(["--checkpoint", str(tmp_path / "straight" / "hf"), *common, f"out={tmp_path / 'e_merged'}"])
+    assert _predictions(tmp_path / "e_run") == _predictions(tmp_path / "e_merged")
     q = base.add_adapter(lora.Adapter(r=4, alpha=8, quant="int8", targets=ours.adapter.targets, base_dtype="bfloat16"))
     np.testing.assert_allclose(ours_merged, np.asarray(_with_adapters(q, ours)(**inputs)), rtol=0, atol=1e-4)
 

@@ -266,10 +266,7 @@ def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
     d = step_dir(path)
     config = read_model_config(d)
     checkpointer = ocp.PyTreeCheckpointer()
-    # The handler's metadata, not the checkpointer's: that one also looks for step metadata inside the item
-    # directory, where the manager never writes it, and logs a warning on every restore.
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(d) / "state")
-    params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+    params_meta = _params_metadata(d)
     if shardings is None:
         device = jax.local_devices()[0]
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params_meta)
@@ -280,6 +277,19 @@ def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
         restore_args={"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)},
         partial_restore=True))
     return config, restored["params"]
+
+
+def _params_metadata(d: str):
+    # The handler's metadata, not the checkpointer's: that one also looks for step metadata inside the item
+    # directory, where the manager never writes it, and logs a warning on every restore.
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(d) / "state")
+    return meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+
+
+def param_shapes(path: str) -> dict:
+    """ShapeDtypeStructs of the params a training checkpoint holds (all of them, or a LoRA run's adapters),
+    read from its metadata: nothing is loaded."""
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _params_metadata(step_dir(path)))
 
 
 # -- export -------------------------------------------------------------------------------------------------
