@@ -225,9 +225,20 @@ def test_old_optimizer_layout_really_written_by_optax(setup, tmp_path):
             node_m, node_v = node_m[k], node_v[k]
         assert np.array_equal(np.asarray(m), np.asarray(node_m)) and np.array_equal(np.asarray(v), np.asarray(node_v))
 
+    # Without the clip (clip_norm = 0) the old state was the per-part state alone, not a chain.
+    import dataclasses
+    unclipped = _old_tx(dataclasses.replace(tx.cfg, clip_norm=0.0), PARTS).init(trainable)
+    assert hasattr(unclipped, "inner_states")
+    ckpts.save(S.TrainState(step=jax.numpy.asarray(3, jax.numpy.int32), params=params, opt_state=unclipped,
+                            rng=jax.random.key_data(jax.random.key(0))), 3, None, cfg, {})
+    ckpts.wait()
+    fresh, _ = ckpts.restore(S.abstract_state(module, tx, PARTS, shardings), step=3)
+    assert int(fresh.opt_state.count) == 0 and not any(np.asarray(x).any() for x in jax.tree.leaves(fresh.opt_state.mu))
+    assert jax.tree.structure(fresh.opt_state.mu) == jax.tree.structure(restored.opt_state.mu)
+
     other = ("llm",)   # a run that trains other groups than the checkpoint's
     tx2 = optim.make_optimizer(tx.cfg, other)
     sh2 = S.state_shardings(module, tx2, other, sharding.make_mesh(1, 1, 1))
     with pytest.raises(ValueError, match=r"checkpoints/2: its optimizer state has the layout.*init_from="):
-        ckpts.restore(S.abstract_state(module, tx2, other, sh2))
+        ckpts.restore(S.abstract_state(module, tx2, other, sh2), step=2)
     ckpts.close()
