@@ -3,15 +3,16 @@
 
     python eval.py                                  # the demo: latest checkpoint of `python train.py`,
                                                     # scored on the generated held-out set
-    python eval.py --checkpoint DIR [--data FILE.jsonl] [--adapter ADAPTER] [--config configs/eval.yaml] [key=value ...]
+    python eval.py --checkpoint DIR [--data FILE.jsonl] [--adapter ADAPTER] [--config configs/eval.yaml]
+                   [key=value ...]
 
 DIR is a Hugging Face checkpoint (config.json + *.safetensors) or an orbax training checkpoint (a workdir, its
 checkpoints/ directory or one step directory); the checkpoint of a `lora:` run is evaluated with its adapters,
 unmerged, over its base rebuilt as the run built it. ADAPTER is a peft LoRA adapter dir (ours or peft's), applied
 unmerged on top of DIR (its base quantised as the adapter's base_quant.json says). Records use the training format
 (docs/design.md, "Data format"); the last assistant turn of each is the reference answer. Writes
-<out>/predictions.jsonl and <out>/metrics.json and prints the metrics. Every key of configs/eval.yaml can be overridden as key=value (e.g. prompt_style=lmms
-batch_size=16 max_new_tokens=16).
+<out>/predictions.jsonl and <out>/metrics.json and prints the metrics. Every key of configs/eval.yaml can be
+overridden as key=value (e.g. prompt_style=lmms batch_size=16 max_new_tokens=16 adapter=DIR).
 """
 
 from __future__ import annotations

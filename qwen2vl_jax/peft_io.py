@@ -191,5 +191,6 @@ def load_adapter(path: str, config: Qwen2VLConfig, params: dict, dtype=np.float3
         else:
             a, b = get("A", None), get("B", None)
         out = _replace(out, mod, lambda l, a=a, b=b: {**l, "lora_a": a.astype(dtype), "lora_b": b.astype(dtype)})
-    adapter = dataclasses.replace(adapter, targets="^(" + "|".join(re.escape("/".join(m)) for m in sorted(found)) + ")$")
+    targets = "^(" + "|".join(re.escape("/".join(m)) for m in sorted(found)) + ")$"
+    adapter = dataclasses.replace(adapter, targets=targets)
     return adapter, out
