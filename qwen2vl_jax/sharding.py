@@ -176,7 +176,7 @@ def one_line(text: str) -> str:
 
 def _kind(error: BaseException, kinds: dict[str, type]) -> str:
     """The name of the project error kind `error` is (its class or the nearest base in `kinds`), else its
-    own class name (an unexpected exception)."""
+    own class name."""
     for cls in type(error).__mro__:
         if kinds.get(cls.__name__) is cls:
             return cls.__name__
@@ -184,9 +184,10 @@ def _kind(error: BaseException, kinds: dict[str, type]) -> str:
 
 
 def _describe(error: BaseException, kinds: dict[str, type]) -> tuple[str, str]:
+    """(kind, one line): an unexpected exception is HostFailed, its class named in the line."""
     kind = _kind(error, kinds)
     text = one_line(error) or "(no message)"
-    return kind, text if kind in kinds else f"{type(error).__name__}: {text}"
+    return (kind, text) if kind in kinds else ("HostFailed", f"{type(error).__name__}: {text}")
 
 
 def _raise(h: _Hosts, verdict: str, error: BaseException | None, kinds: dict[str, type]):

@@ -176,7 +176,8 @@ def exit_code(kind: str) -> int:
 def start_error(e: Exception) -> Exception:
     """A file that is missing or unreadable at start-up (an `init_from`, a tokenizer, a checkpoint) is a
     storage error (exit 2, one line naming it), not a crash."""
-    if isinstance(e, OSError) and not isinstance(e, storage.StorageError):
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and \
+            not isinstance(e, storage.StorageError):
         err = storage.StorageError(sharding.one_line(e))
         err.__cause__ = e
         return err
