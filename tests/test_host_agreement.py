@@ -175,12 +175,7 @@ def test_the_watcher_ends_a_host_stuck_in_a_collective_with_the_verdict(monkeypa
 
 
 def test_train_py_compares_configs_without_host_local_keys():
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "train_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _train_script()
     from qwen2vl_jax.train.config import load
     a = load(None, ["compile_cache=/tmp/a", "progress=false"])
     b = load(None, ["compile_cache=/tmp/b", "optim.lr=0.001"])
@@ -188,3 +183,42 @@ def test_train_py_compares_configs_without_host_local_keys():
     text = train.config_difference(1, train.fingerprint(b), train.fingerprint(a))
     assert text.startswith("its run config differs from host 0's: optim.lr=0.001 (host 0: 0.0001)"), text
     assert "compile_cache" not in text and json.loads(train.fingerprint(a))["mesh.fsdp"] == -1
+
+
+def _train_script():
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "train_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train
+
+
+@pytest.mark.parametrize("failing_host", [True, False])
+def test_train_py_prints_an_unexpected_start_up_error_in_one_line_and_the_traceback_on_its_host(
+        monkeypatch, capsys, failing_host):
+    from qwen2vl_jax.train import loop
+
+    def run(cfg):
+        try:
+            {}["vision_tower"]
+        except KeyError as e:
+            err = sharding.HostFailed("host 1 of 2: KeyError: 'vision_tower'")
+            raise err from (e if failing_host else None)
+    monkeypatch.setattr(loop, "run", run)
+    assert _train_script().main(["steps=1"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "train.py: host 1 of 2: KeyError: 'vision_tower'"
+    assert [line for line in err if line.startswith("train.py:")] == err[-1:]
+    assert ("Traceback (most recent call last):" in err) == failing_host
+
+
+def test_train_py_exits_2_with_one_line_for_an_agreed_project_error(monkeypatch, capsys):
+    from qwen2vl_jax.train import loop
+
+    def run(cfg):
+        raise StorageError("host 1 of 2: base: no such directory")
+    monkeypatch.setattr(loop, "run", run)
+    assert _train_script().main(["steps=1"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["train.py: host 1 of 2: base: no such directory"]
