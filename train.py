@@ -74,18 +74,26 @@ def main(argv=None) -> int:
         # bad records (found by the check before the model is built), a bad config, a missing or unreadable
         # file, bucket, credential or checkpoint, on this host or (multi-host) on the one the line names
         print(f"train.py: {e}", file=sys.stderr)
-        return 2
+        return agreed(e, 2)
     except TrainingStopped as e:
         print(f"\ntrain.py: {'' if getattr(e, 'agreed', False) else 'stopped: '}{e}", file=sys.stderr)
-        return 1
+        return agreed(e, 1)
     except sharding.HostFailed as e:   # an unexpected exception at start-up on some host
         if e.__cause__ is not None:    # this host's: its traceback, then the line every host prints
             import traceback
             traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"train.py: {e}", file=sys.stderr)
-        return 1
+        return agreed(e, 1)
     print(json.dumps(summary))
     return 0
+
+
+def agreed(e: BaseException, code: int) -> int:
+    """`code`; a verdict the hosts agreed on ends this process here (sharding.exit_on_verdict)."""
+    if getattr(e, "agreed", False):
+        from qwen2vl_jax import sharding
+        sharding.exit_on_verdict(code)
+    return code
 
 
 # config keys that may differ from host to host (they change nothing the hosts compute together)

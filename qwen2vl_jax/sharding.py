@@ -170,8 +170,13 @@ def hosts() -> _Hosts | None:
     return _hosts
 
 
-def one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+def one_line(text) -> str:
+    """A message on one line: its lines joined by "; " (by a space after a colon)."""
+    out = ""
+    for line in (x.strip() for x in str(text).splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
 
 
 def _kind(error: BaseException, kinds: dict[str, type]) -> str:
@@ -195,6 +200,7 @@ def _raise(h: _Hosts, verdict: str, error: BaseException | None, kinds: dict[str
     host's own exception as the cause on that host."""
     host, kind, line = verdict.split("\n", 2)
     h.settled = True
+    _ack(h.client, h.me)
     cls = kinds.get(kind, HostFailed)
     exc = cls(line)
     exc.agreed = True
@@ -205,12 +211,52 @@ def _raise(h: _Hosts, verdict: str, error: BaseException | None, kinds: dict[str
 
 def _post(h: _Hosts, host: int, kind: str, line: str) -> str:
     """Post a verdict unless one was posted already; the one that stands."""
+    verdict = f"{host}\n{kind}\n{line}"
     try:
-        h.client.key_value_set(VERDICT, f"{host}\n{kind}\n{line}")
+        h.client.key_value_set(VERDICT, verdict)
+        return verdict
     except Exception as e:
         if "ALREADY_EXISTS" not in str(e) and "already exists" not in str(e).lower():
             raise
     return h.client.blocking_key_value_get(VERDICT, 60_000)
+
+
+def _ack(client, me: int) -> None:
+    try:
+        client.key_value_set(f"qwen2vl/seen/{me}", "1", allow_overwrite=True)
+    except Exception:
+        pass
+
+
+def _linger(client, me: int, n: int, timeout: float) -> None:
+    """Host 0 runs the coordination service: before it exits on a verdict it waits (at most `timeout` s) until
+    every host has read the verdict, so that none reports a lost coordinator instead."""
+    import time
+    if me != 0:
+        return
+    deadline = time.monotonic() + timeout
+    waiting = set(range(1, n))
+    while waiting and time.monotonic() < deadline:
+        for i in list(waiting):
+            try:
+                if client.key_value_try_get(f"qwen2vl/seen/{i}"):
+                    waiting.discard(i)
+            except Exception:
+                pass
+        time.sleep(0.05)
+
+
+def exit_on_verdict(code: int) -> None:
+    """End this process after it reported an agreed verdict (multi-host): without jax's shutdown barrier,
+    which would wait for hosts that are ended by their watchers instead; host 0 first lets every host read
+    the verdict."""
+    import os
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _hosts is not None:
+        _linger(_hosts.client, _hosts.me, _hosts.n, 3 * HEARTBEAT_S)
+    os._exit(code)
 
 
 def fail(error: BaseException, kinds: dict[str, type]):
@@ -342,18 +388,22 @@ class HostWatch:
         import os
         _, kind, line = verdict.split("\n", 2)
         print(f"train.py: {line}", file=self.out, flush=True)
+        _ack(self.client, self.me)
+        _linger(self.client, self.me, self.n, 2 * HEARTBEAT_S)
         os._exit(self.code(kind))
 
     def _run(self) -> None:
         import time
         beat, seen, verdict_seen = 0, {}, None
         while not self._stop.is_set():
+            if _hosts is not None and _hosts.settled:   # the main thread reports the verdict and exits
+                return
             beat += 1
             now = time.monotonic()
             try:
                 self.client.key_value_set(f"qwen2vl/alive/{self.me}", str(beat), allow_overwrite=True)
                 verdict = self._get(VERDICT)
-                if verdict is not None and not (_hosts is not None and _hosts.settled):
+                if verdict is not None:
                     if verdict_seen is not None and now - verdict_seen >= HEARTBEAT_S - 0.5:
                         self._verdict(verdict)
                     verdict_seen = verdict_seen or now

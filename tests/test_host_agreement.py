@@ -222,3 +222,7 @@ def test_train_py_exits_2_with_one_line_for_an_agreed_project_error(monkeypatch,
     monkeypatch.setattr(loop, "run", run)
     assert _train_script().main(["steps=1"]) == 2
     assert capsys.readouterr().err.splitlines() == ["train.py: host 1 of 2: base: no such directory"]
+
+
+def test_a_message_of_several_lines_becomes_one():
+    assert sharding.one_line("2 bad records:\n  a.jsonl:1: x\n  a.jsonl:2: y\n") == "2 bad records: a.jsonl:1: x; a.jsonl:2: y"

@@ -228,3 +228,20 @@ def test_auto_buckets_are_the_same_on_both_hosts_and_fit_both_hosts_data(tmp_pat
     assert buckets == as_lists(auto_buckets(np.concatenate(sizes), sampled=True))
     assert buckets != as_lists(auto_buckets(sizes[0], sampled=True))
     assert buckets != as_lists(auto_buckets(sizes[1], sampled=True))
+
+
+@pytest.mark.slow   # two train.py processes that stop at their first batch: ~30-60 s on 2 cores
+def test_a_bad_record_past_the_check_ends_both_hosts_with_its_line(tmp_path):
+    """With `data.check: 0` host 1 meets its bad record (line 4) in its first batch, while host 0 waits for it
+    in the first step's collectives: host 0's watcher ends it with host 1's line and exit 2, well before the
+    30 s after which host 1 would count as lost; nothing was checkpointed."""
+    data = _text_records(tmp_path / "train.jsonl", 16, bad_line=4)
+    workdir = tmp_path / "run"
+    args = [f"workdir={workdir}", f"data.train={data}", "model=tiny", "data.batch_size=4", "mesh.fsdp=2",
+            "mesh.tensor=4", "data.buckets=[[256, 0]]", "data.check=0", "steps=2", "progress=false",
+            f"compile_cache={tmp_path / 'cache'}"]
+    line, outs = _both_fail_alike(_start(args, _free_port()), within=120)
+    assert line.startswith("train.py: host 1 of 2: 1 bad records met, more than the skip budget of 0"), line
+    assert f"raise the skip budget: {data}:4: not valid JSON" in line, line
+    assert "stopped responding" not in outs[0][1] + outs[1][1]
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")

@@ -17,6 +17,7 @@ import flax.linen as nn
 
 from qwen2vl_jax import api, hf, lora, peft_io, sharding, storage
 from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
+from qwen2vl_jax.data import DataError
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
 from qwen2vl_jax.train import data as data_lib
@@ -339,6 +340,11 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             t0 = time.perf_counter()
             try:
                 host_batch = batches.stack_micro_batches([next(it) for _ in range(cfg.grad_accum)])
+            except (DataError, storage.StorageError) as e:
+                # a bad record past the budget or an unreadable file on this host, while the others wait for it
+                # in the step's collectives: every host ends with this host's line (their HostWatch, a
+                # heartbeat later), not with a "stopped responding" one 30 s later
+                sharding.fail(e, START_ERRORS)
             except StopIteration:
                 step -= 1
                 log(f"\nthe data ran out after step {step}")
