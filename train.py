@@ -47,30 +47,80 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     from qwen2vl_jax.train.config import RunConfigError, load
+    error, targets = None, [a for a in argv if "compile_for=" in a]
     try:
         path, overrides = parse_args(argv)
         targets = [o.partition("=")[2] for o in overrides if o.startswith("compile_for=")]
         cfg = load(path, [o for o in overrides if not o.startswith("compile_for=")])
     except (RunConfigError, ValueError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
-    if targets:
+        error = e if isinstance(e, RunConfigError) else RunConfigError(str(e))
+    if targets:   # one machine compiles for a whole slice: no other hosts to agree with
+        if error is not None:
+            print(f"train.py: {error}", file=sys.stderr)
+            return 2
         return compile_only(cfg, [t for spec in targets for t in spec.split(",") if t.strip()])
-    from qwen2vl_jax.data import DataError
-    from qwen2vl_jax.storage import StorageError
-    from qwen2vl_jax.train.loop import TrainingStopped, run
+    from qwen2vl_jax import sharding
+    from qwen2vl_jax.train.loop import START_ERRORS, TrainingStopped, exit_code, run
     try:
+        if sharding.initialize_distributed():   # before anything touches a device
+            sharding.watch(code=exit_code)      # a lost host ends the others with one line
+            # a host whose config did not load ends every host; then every host must have the same config
+            sharding.agree("config", error, START_ERRORS)
+            sharding.agree_values("run config", fingerprint(cfg), config_difference, START_ERRORS)
+        elif error is not None:
+            raise error
         summary = run(cfg)
-    except (DataError, RunConfigError, StorageError) as e:
-        # bad records (found by the check before the model is built), or a missing bucket / object /
-        # credential / client: the message says what to do
+    except tuple(START_ERRORS[k] for k in START_ERRORS if exit_code(k) == 2) as e:
+        # bad records (found by the check before the model is built), a bad config, a missing or unreadable
+        # file, bucket, credential or checkpoint, on this host or (multi-host) on the one the line names
         print(f"train.py: {e}", file=sys.stderr)
-        return 2
+        return agreed(e, 2)
     except TrainingStopped as e:
-        print(f"\ntrain.py: stopped: {e}", file=sys.stderr)
-        return 1
+        print(f"\ntrain.py: {'' if getattr(e, 'agreed', False) else 'stopped: '}{e}", file=sys.stderr)
+        return agreed(e, 1)
+    except sharding.HostFailed as e:   # an unexpected exception at start-up on some host
+        if e.__cause__ is not None:    # this host's: its traceback, then the line every host prints
+            import traceback
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"train.py: {e}", file=sys.stderr)
+        return agreed(e, 1)
     print(json.dumps(summary))
     return 0
+
+
+def agreed(e: BaseException, code: int) -> int:
+    """`code`; a verdict the hosts agreed on ends this process here (sharding.exit_on_verdict)."""
+    if getattr(e, "agreed", False):
+        from qwen2vl_jax import sharding
+        sharding.exit_on_verdict(code)
+    return code
+
+
+# config keys that may differ from host to host (they change nothing the hosts compute together)
+HOST_LOCAL_KEYS = ("compile_cache", "progress", "data.workers")
+
+
+def fingerprint(cfg) -> str:
+    """The run config as the hosts compare it: dotted keys, the host-local ones left out."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+    walk("", cfg.to_dict())
+    return json.dumps({k: v for k, v in flat.items() if k not in HOST_LOCAL_KEYS}, sort_keys=True, default=str)
+
+
+def config_difference(host: int, mine: str, first: str) -> str:
+    a, b = json.loads(mine), json.loads(first)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = ", ".join(f"{k}={json.dumps(a.get(k))} (host 0: {json.dumps(b.get(k))})" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return (f"its run config differs from host 0's: {shown}{more}; start every host with the same config file "
+            "and overrides")
 
 
 def compile_only(cfg, slices: list[str]) -> int:

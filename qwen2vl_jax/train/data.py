@@ -3,26 +3,32 @@ with the processor that matches the model's vocabulary, each host reading its ow
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import zlib
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from qwen2vl_jax import sharding, storage
-from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.config import ConfigError, Qwen2VLConfig
 from qwen2vl_jax.data import DataError, Processor
 from qwen2vl_jax.data.check import check_records
-from qwen2vl_jax.data.packing import suggest_buckets
+from qwen2vl_jax.data.packing import PackingError, suggest_buckets
+from qwen2vl_jax.hf import CheckpointError
+from qwen2vl_jax.lora import AdapterError
 from qwen2vl_jax.data.pipeline import Loader, PipelineConfig, components, make_loader
 from qwen2vl_jax.data.sources import SourceError, open_source
 from qwen2vl_jax.storage import StorageError
 from qwen2vl_jax.train.batches import host_rows
 from qwen2vl_jax.train.config import RunConfig, RunConfigError
 
-# what a host's start-up may end in, by name: the other hosts raise the same kind (train.py: exit 2)
-START_ERRORS = {c.__name__: c for c in (DataError, SourceError, RunConfigError, StorageError)}
+# what a host's start-up may end in, by name: the other hosts raise the same kind (train.py: exit 2); any
+# other exception is raised there as sharding.HostFailed (exit 1)
+START_ERRORS = {c.__name__: c for c in (DataError, SourceError, PackingError, RunConfigError, StorageError,
+                                        ConfigError, CheckpointError, AdapterError)}
 
 AUTO_SAMPLE = 10_000  # examples measured for data.buckets: auto when data.check is 0
 
@@ -59,11 +65,14 @@ def train_files(cfg: RunConfig):
         return cfg.data.train
     from qwen2vl_jax.data import synthetic
     out = cfg.data.synthetic_dir or storage.join(cfg.workdir, "synthetic")
+    error = None
     if jax.process_index() == 0:
-        synthetic.generate(out, size=cfg.data.synthetic_size, config=synthetic.SyntheticConfig.demo())
-    if jax.process_count() > 1:   # the other hosts read what host 0 wrote (a bucket or a shared filesystem)
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("synthetic data written")
+        try:
+            synthetic.generate(out, size=cfg.data.synthetic_size, config=synthetic.SyntheticConfig.demo())
+        except Exception as e:
+            error = e
+    # the other hosts read what host 0 wrote (a bucket or a shared filesystem) once it says it is there
+    sharding.agree("synthetic data", error, START_ERRORS)
     return synthetic.train_path(out)
 
 
@@ -80,7 +89,7 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
     auto = cfg.data.buckets == "auto"
     if not cfg.data.check and not auto:
         return cfg
-    error = None
+    error, report = None, None
     try:   # every host checks its own shard; all of them agree on the verdict before anything else
         proc = processor(cfg, config)
         index, count = _shard(cfg, mesh)
@@ -92,14 +101,16 @@ def check(cfg: RunConfig, config: Qwen2VLConfig, mesh: Mesh, log=print) -> RunCo
         if cfg.data.check:   # with data.check 0 the records were only measured for the buckets
             _within_budget(report.problems, cfg.data.skip_budget, log)
             _within_segment_bound(report.sizes, cfg.max_segment_len)
-    except (DataError, RunConfigError, StorageError) as e:
+        if auto:
+            _publish_sizes(report.sizes)
+    except Exception as e:   # any kind: the other hosts must not go on to the first collective without it
         error = e
     sharding.agree("data check", error, START_ERRORS)
     if not auto:
         return cfg
-    buckets = auto_buckets(_global_sizes(report.sizes), sampled=report.sampled or jax.process_count() > 1)
+    buckets, examples = _agreed_buckets(report.sizes, sampled=report.sampled or jax.process_count() > 1)
     log(f"data.buckets: auto -> {json.dumps([list(b) for b in buckets])} (text tokens, vision patches) per row, "
-        f"from {len(report.sizes):,} examples; to pin them: data.buckets='{json.dumps([list(b) for b in buckets])}'")
+        f"from {examples:,} examples; to pin them: data.buckets='{json.dumps([list(b) for b in buckets])}'")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=[list(b) for b in buckets]))
 
 
@@ -155,15 +166,33 @@ def auto_buckets(sizes: np.ndarray, sampled: bool) -> tuple:
     return suggest_buckets(sizes, text_lens=(text,), spread=0.1 if sampled else 0.0)
 
 
-def _global_sizes(sizes: np.ndarray) -> np.ndarray:
-    """Every host's checked sizes, so that all hosts compile the same buckets."""
-    if jax.process_count() == 1:
-        return sizes
-    from jax.experimental import multihost_utils
-    n = int(multihost_utils.process_allgather(np.int64(len(sizes))).max())
-    padded = np.zeros((n, 2), np.int64)   # zero rows are dropped by auto_buckets
-    padded[:len(sizes)] = sizes
-    return np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, 2)
+def _publish_sizes(sizes: np.ndarray) -> None:
+    """This host's checked sizes, for host 0 to size every host's buckets from (multi-host runs)."""
+    h = sharding.hosts()
+    if h is not None:
+        a = np.ascontiguousarray(np.asarray(sizes, np.int64).reshape(-1, 2).astype(np.int32))
+        h.client.key_value_set(f"qwen2vl/sizes/{h.me}", base64.b64encode(zlib.compress(a.tobytes())).decode())
+
+
+def _agreed_buckets(sizes: np.ndarray, sampled: bool) -> tuple[tuple, int]:
+    """(buckets, examples they were sized from): from every host's checked sizes, computed by host 0 and
+    taken from it by the others, so that all hosts compile the same shapes."""
+    h = sharding.hosts()
+    if h is None:
+        return auto_buckets(sizes, sampled), len(sizes)
+    value, error = "", None
+    if h.me == 0:
+        try:
+            every = [np.frombuffer(zlib.decompress(base64.b64decode(
+                h.client.blocking_key_value_get(f"qwen2vl/sizes/{i}", 60_000))), np.int32).reshape(-1, 2)
+                for i in range(h.n)]
+            every = np.concatenate(every)
+            value = json.dumps({"buckets": [list(map(int, b)) for b in auto_buckets(every, sampled)],
+                                "examples": len(every)})
+        except Exception as e:
+            error = e
+    agreed = json.loads(sharding.agree("data buckets", error, START_ERRORS, value)[0])
+    return tuple(tuple(b) for b in agreed["buckets"]), agreed["examples"]
 
 
 def index_dir(cfg: RunConfig) -> str:

@@ -17,6 +17,7 @@ import flax.linen as nn
 
 from qwen2vl_jax import api, hf, lora, peft_io, sharding, storage
 from qwen2vl_jax.config import PRESETS, Qwen2VLConfig, preset
+from qwen2vl_jax.data import DataError
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.train import batches, checkpoint, metrics, optim
 from qwen2vl_jax.train import data as data_lib
@@ -162,20 +163,33 @@ def build(cfg: RunConfig, config: Qwen2VLConfig, mesh) -> Built:
     return Built(module, tx, parts, shardings, step_fn, base_module, adapter)
 
 
-# -- the run ---------------------------------------------------------------------------------------------------
+# -- the start-up ----------------------------------------------------------------------------------------------
 
-def run(cfg: RunConfig, data: Any = None) -> dict:
-    """Train as `cfg` says; returns a summary (first/last loss, steps, wall time, throughput).
+START_ERRORS = {**data_lib.START_ERRORS, "TrainingStopped": TrainingStopped}
 
-    `data`: an iterator of packed numpy batches with `get_state()` / `set_state()`; default: the pipeline
-    that `cfg.data` describes.
-    """
-    t_start = time.perf_counter()
+
+def exit_code(kind: str) -> int:
+    """train.py's exit code for a start-up verdict of error kind `kind`: 2 for a config, data, storage or
+    checkpoint error (the line says what to fix), 1 for a stop or an unexpected exception."""
+    return 2 if kind in data_lib.START_ERRORS else 1
+
+
+def start_error(e: Exception) -> Exception:
+    """A file that is missing or unreadable at start-up (an `init_from`, a tokenizer, a checkpoint) is a
+    storage error (exit 2, one line naming it), not a crash."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and \
+            not isinstance(e, storage.StorageError):
+        err = storage.StorageError(sharding.one_line(e))
+        err.__cause__ = e
+        return err
+    return e
+
+
+def _start(cfg: RunConfig, data: Any):
+    """Mesh, data check, model, optimizer, checkpoints and the initial or restored state. Every host passes
+    the same agreement points (`sharding.agree`) before each step that may run a collective: the first host
+    that fails is the one every host names."""
     storage.require_bucket(cfg.workdir)   # a clear error now, not one from deep inside orbax later
-
-    # -- devices and mesh
-    sharding.initialize_distributed()   # before anything touches a device
-    watch = sharding.HostWatch(lambda: _last_checkpoint(cfg.workdir))   # a lost host ends the others, in one line
     if cfg.compile_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
     main = jax.process_index() == 0
@@ -193,8 +207,9 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
     # -- model and optimizer
     cfg = resolve_dtype(cfg)
     built = build(cfg, config, mesh)
-    module, tx, parts, shardings, step_fn = built.module, built.tx, built.parts, built.shardings, built.step_fn
+    module, tx, parts, shardings = built.module, built.tx, built.parts, built.shardings
     base_module, adapter = built.base_module, built.adapter
+    sharding.agree("model", None, START_ERRORS)   # before orbax's first barrier
 
     # -- checkpoints: resume from the workdir, or start
     storage.makedirs(cfg.workdir)
@@ -208,6 +223,12 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         if saved != config:
             raise TrainingStopped(f"{cfg.workdir} holds checkpoints of a different model than this config "
                                   "describes; use a new workdir (or the config that made them)")
+    # every host must resume the same step: a workdir that is not one shared storage differs here
+    sharding.agree_values("checkpoint", str(latest), lambda i, mine, first: (
+        f"sees {'no checkpoint' if mine == 'None' else 'checkpoint step ' + mine} in {ckpts.directory} where host 0 "
+        f"sees {'none' if first == 'None' else 'step ' + first}; the workdir must be one storage all hosts share "
+        "(a bucket or a shared filesystem)"), START_ERRORS)
+    if latest is not None:
         target = abstract_state(module, tx, parts, shardings)
         if adapter is not None:   # LoRA checkpoints hold the trained params only; the base is rebuilt
             target = target.replace(params=optim.split(target.params, parts)[0])
@@ -233,6 +254,32 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
         data = data_lib.make_source(cfg, config, mesh, seed_offset)
     if data_state is not None:
         data.set_state(data_state)
+    sharding.agree("start-up", None, START_ERRORS)   # every host is ready for the first step
+    return cfg, config, built, ckpts, state, data, layout, seed_offset, latest
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig, data: Any = None) -> dict:
+    """Train as `cfg` says; returns a summary (first/last loss, steps, wall time, throughput).
+
+    `data`: an iterator of packed numpy batches with `get_state()` / `set_state()`; default: the pipeline
+    that `cfg.data` describes.
+    """
+    t_start = time.perf_counter()
+    # -- devices: before anything touches one
+    sharding.initialize_distributed()
+    # a lost host ends the others in one line; so does another host's start-up verdict while this one waits
+    # inside a collective that host never joins
+    watch = sharding.watch(lambda: _last_checkpoint(cfg.workdir), exit_code)
+    try:   # the start-up: any error on any host ends every host with the same line (sharding.agree / fail)
+        cfg, config, built, ckpts, state, data, layout, seed_offset, latest = _start(cfg, data)
+    except Exception as e:
+        sharding.fail(start_error(e), START_ERRORS)
+    module, tx, parts, shardings, step_fn = built.module, built.tx, built.parts, built.shardings, built.step_fn
+    base_module, adapter = built.base_module, built.adapter
+    main = jax.process_index() == 0
+    log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
     start = int(jax.device_get(state.step))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_train = sum(x.size for x in jax.tree.leaves(optim.split(state.params, parts)[0]))
@@ -293,6 +340,11 @@ def run(cfg: RunConfig, data: Any = None) -> dict:
             t0 = time.perf_counter()
             try:
                 host_batch = batches.stack_micro_batches([next(it) for _ in range(cfg.grad_accum)])
+            except (DataError, storage.StorageError) as e:
+                # a bad record past the budget or an unreadable file on this host, while the others wait for it
+                # in the step's collectives: every host ends with this host's line (their HostWatch, a
+                # heartbeat later), not with a "stopped responding" one 30 s later
+                sharding.fail(e, START_ERRORS)
             except StopIteration:
                 step -= 1
                 log(f"\nthe data ran out after step {step}")
