@@ -1,6 +1,6 @@
 """Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
 is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
-one to plan with: this estimate runs 1-30% below it, most where the ViT trains under dots_no_batch
+one to plan with; this estimate is within 7% of it on the nine shipped Qwen2-VL stage configs
 (docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
@@ -12,11 +12,14 @@ Counts, per chip:
   per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
   micro-batch's gradient);
+- grad_temps: two more float32 copies of the trainable parts, which the compiler's buffer assignment holds
+  while the backward scans stack the per-layer gradients and add them in;
 - batch: this chip's rows of the stacked batch;
 - activations: what the backward pass keeps across the scanned layers under the remat policy, from the
   model's own matmuls (matmuls.py): the layer inputs with `full`; every weight matmul's output with
   `dots_no_batch` (and the attention output with `dots`); everything with `none`; for this chip's rows, each
-  width split where its param's output axis maps onto `tensor`; nothing for a frozen ViT;
+  width split where its param's output axis maps onto `tensor`; a training ViT's stack twice (the compiler
+  holds a second buffer of it for the backward scan); nothing for a frozen ViT;
 - transient: the largest single-layer working set while one layer's backward runs (its activations and
   their gradients, the dense L x L attention scores when attention is the `xla` kind, one layer's weights
   gathered in the compute dtype), or one chunk of logits with the gathered LM head and its gradient.
@@ -76,8 +79,11 @@ def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum:
                             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, _ = optim.split(per_leaf, parts)
     p, t = sum(jax.tree.leaves(stored)), sum(jax.tree.leaves(trainable))
+    # The compiler's buffer assignment holds each trained stacked weight's float32 gradient four times over
+    # with grad_accum > 1 (docs/memory.md): the accumulator and the micro-batch's gradient (`grads`), and two
+    # more while the backward scans stack the per-layer gradients and add them in (`grad_temps`).
     return {"params": p, "optimizer": 2 * t * MOMENT_BYTES[moments_dtype] / 4,
-            "grads": t * (2 if grad_accum > 1 else 1)}
+            "grads": t * (2 if grad_accum > 1 else 1), "grad_temps": 2 * t}
 
 
 def _act_shards(axis, sizes) -> int:
@@ -137,7 +143,10 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     parts = param_groups(cfg).parts()   # the parts that train, in whole or through adapters
     vit_kept = "vit" in parts
     merger_kept = vit_kept or "merger" in parts
-    saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
+    # A training ViT's saved stack is held twice in the compiler's figure: the forward scan's stacked
+    # residuals and a second buffer of the same size that the backward scan reads them from (measured on
+    # the nine shipped configs, docs/memory.md; the LLM's stack is held once).
+    saved = (tc.num_hidden_layers * kept_t * text_tokens + 2 * vit_kept * vc.depth * kept_v * patches) * b
     merger = merger_kept * patches / vc.merge_unit * sum(
         m.shape[0] + m.shape[-1] / _act_shards(m.out_axis, sizes) for m in matmuls(config) if m.part == "merger") * b
     # Dense attention materialises (rows, heads/t, L, L) f32 scores; under `none`/`dots` every layer keeps them.
