@@ -175,3 +175,33 @@ def test_vit_heads_split_over_the_tensor_axis_in_the_compiled_step():
     # any gather of a (rows, patches, ...) activation: q / k / v (heads x head_dim), qkv (3E), or E wide
     patch_acts = re.compile(r"bf16\[(\d+,)?%d,[0-9,]+\]" % P)
     assert gathers and not [g for g in gathers if patch_acts.search(g)], [g for g in gathers if patch_acts.search(g)]
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("config, overrides", [
+    ("stage1_2b", []),                 # dots_no_batch, the ViT trains (its stack twice), the LLM frozen
+    ("stage2_2b", ["remat=full"]),     # full remat, everything trains (grads, grad_temps)
+])
+def test_memory_estimate_within_10_percent_of_the_compiler(config, overrides):
+    """The shipped config at its slice (v5p-32: 16 chips, the full bucket of 8192 tokens and 16384 patches),
+    cut to 2 ViT blocks and 2 LLM layers so that it compiles in ~2 minutes: the estimate (memory.py, derived
+    from the param shapes) is within 10% of the compiler's per-chip total."""
+    import dataclasses
+    from qwen2vl_jax import sharding
+    from qwen2vl_jax.train import loop, memory
+    from qwen2vl_jax.train.state import abstract_state
+
+    cfg = aot.for_tpu(load(os.path.join(ROOT, "configs", f"{config}.yaml"), overrides))
+    sl = aot.parse_slice("v5p-32")
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=aot.tpu_devices(sl))
+    c = loop.model_config(cfg)
+    c = dataclasses.replace(c, vision=dataclasses.replace(c.vision, depth=2),
+                            text=dataclasses.replace(c.text, num_hidden_layers=2))
+    built = loop.build(cfg, c, mesh)
+    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
+    (L, P), = cfg.data.buckets
+    batch = aot.abstract_batch(c, cfg.data.batch_size, cfg.grad_accum, L, P, built.step_fn)
+    compiler = aot.memory(built.step_fn.lower(state, batch).compile())["total"] / aot.GiB
+    estimate = memory.estimate(cfg, sl.chips, c)["total"]
+    assert 0.9 <= estimate / compiler <= 1.1, (estimate, compiler)
