@@ -22,7 +22,8 @@ Counts, per chip:
   holds a second buffer of it for the backward scan); nothing for a frozen ViT;
 - transient: the largest single-layer working set while one layer's backward runs (its activations and
   their gradients, the dense L x L attention scores when attention is the `xla` kind, one layer's weights
-  gathered in the compute dtype), or one chunk of logits with the gathered LM head and its gradient.
+  gathered in the compute dtype), or one chunk of logits with the gathered LM head (its gradient stays
+  sharded).
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     if dense and policy in ("none", "dots"):
         saved += tc.num_hidden_layers * 2 * scores_t + vit_kept * vc.depth * 2 * scores_v
     vocab = tc.vocab_size / t
-    # the LM head (or tied embedding) gathered over fsdp in the compute dtype, and its float32 gradient
-    head = vocab * tc.hidden_size * (b + 4 * ("llm" in parts))
+    # the LM head (or tied embedding) gathered over fsdp in the compute dtype; its float32 gradient is
+    # reduce-scattered chunk by chunk and stays sharded (the compiler's buffer assignment for stage2_7b holds
+    # bf16[3584,38016] gathered and only f32[224,38016] gradients)
+    head = vocab * tc.hidden_size * b
     if cfg.loss_chunk:
         logits_kept = text_tokens * tc.hidden_size * b
         logits_transient = rows * cfg.loss_chunk * vocab * (b + 4 + 4) + head
