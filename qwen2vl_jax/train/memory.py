@@ -1,6 +1,6 @@
 """Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
 is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
-one to plan with; this estimate is within 7% of it on the nine shipped Qwen2-VL stage configs
+one to plan with; this estimate is within 6% of it on the nine shipped Qwen2-VL stage configs
 (docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
