@@ -153,8 +153,9 @@ def test_memory_estimate_keeps_what_jax_saves(remat):
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in api.dummy_batch(c, 1, L, P).items()}
     batch.update(labels=jax.ShapeDtypeStruct((1, L), jnp.int32), loss_mask=jax.ShapeDtypeStruct((1, L), jnp.float32))
     saved = saved_residuals(lambda p, b: forward_sums(module, p, b, loss_chunk=128).ce, params, batch)
-    stacked = [aval for aval, what in saved if "output of scan" in what]   # (layers, rows, items, width)
-    per_layer = {n: sum(a.shape[-1] for a in stacked if a.shape[2] == n) for n in (L, P)}
+    stacked = [aval for aval, what in saved if "output of scan" in what]   # (layers, rows, items, width...)
+    # the ViT's qkv is saved as (layers, rows, P, 3, E): q, k and v side by side
+    per_layer = {n: sum(math.prod(a.shape[3:]) for a in stacked if a.shape[2] == n) for n in (L, P)}
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     assert per_layer[L] == memory._layer(c, "llm", sizes, remat)[0]
     assert per_layer[P] == memory._layer(c, "vit", sizes, remat)[0]

@@ -23,13 +23,46 @@ import jax.numpy as jnp
 from qwen2vl_jax.config import VisionConfig
 from qwen2vl_jax.model import rope
 from qwen2vl_jax.model.attention import attention
-from qwen2vl_jax.model.layers import LayerNorm, RMSNorm, dense, quick_gelu, remat_policy
+from qwen2vl_jax.model.layers import LayerNorm, RMSNorm, dense, linear, quick_gelu, remat_policy
 
 
 def vision_norm(c: VisionConfig, name: str, **kw):
     if c.norm == "rmsnorm":
         return RMSNorm(1e-6, name=name, axis_name="vit_norm", **kw)
     return LayerNorm(name=name, axis_name="vit_norm", **kw)
+
+
+class FusedQKV(nn.Dense):
+    """The ViT's fused attention input projection, stored as the reference stores it: one (E, 3E) kernel and
+    (3E,) bias whose output is [q | k | v], heads contiguous inside each (so HF checkpoints, LoRA and the
+    param rules see one Dense layer). Computed so that each of q, k and v splits over heads on the tensor
+    axis (`vit_heads`) as the LLM's q/k/v do: a contiguous split of the fused 3E output
+    would give a chip a mix of q, k and v heads, and the split into q/k/v would then all-gather the whole
+    qkv over `tensor` per layer. Here the kernel is read as (E, 3, E) with the last axis over `tensor`, one
+    dot gives (..., 3, E) and only the weight (E x 3E / tensor per chip) moves, once per layer.
+    Returns (q, k, v), each (B, P, E)."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        e, n = x.shape[-1], self.features // 3
+        # (E, 3E) -> (E, 3, E): q, k, v side by side, each one's heads over `tensor`
+        w = nn.with_logical_constraint(kernel.reshape(e, 3, n), ("vit_embed", None, "vit_heads"))
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if bias is not None:
+            y = y + nn.with_logical_constraint(bias.reshape(3, n), (None, "vit_heads"))
+        y = nn.with_logical_constraint(y, ("batch", "patches", None, "vit_heads"))
+        return y[..., 0, :], y[..., 1, :], y[..., 2, :]
+
+
+def fused_qkv(features: int, *, name: str, dtype, param_dtype, init_std: float = 0.02) -> FusedQKV:
+    """The ViT's qkv layer with the params `dense` would give it: logical axes (vit_embed, vit_qkv)."""
+    axes = ("vit_embed", "vit_qkv")
+    return FusedQKV(features, use_bias=True, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=linear,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
 class VisionBlock(nn.Module):
@@ -46,10 +79,12 @@ class VisionBlock(nn.Module):
         if window_ids is not None:   # a windowed family: this block attends in windows unless it is a full one
             segment_ids = jnp.where(full, segment_ids, window_ids)
         h = vision_norm(c, "norm1", **kw)(x)
-        qkv = dense(3 * e, ("vit_embed", "vit_qkv"), use_bias=True, name="qkv", **kw)(h)
-        # The fused output splits as [q | k | v], heads contiguous inside each.
-        q, k, v = jnp.split(qkv.reshape(b, p, 3, c.num_heads, c.head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        qkv = fused_qkv(3 * e, name="qkv", **kw)(h)
+        if isinstance(qkv, tuple):   # q, k, v (B, P, E) each, heads split over the tensor axis
+            q, k, v = (y.reshape(b, p, c.num_heads, c.head_dim) for y in qkv)
+        else:   # an adapted or quantised qkv (lora.py computes it as one Dense): the fused output
+            q, k, v = jnp.split(qkv.reshape(b, p, 3, c.num_heads, c.head_dim), 3, axis=2)
+            q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q = rope.apply_vision_rotary(q, cos, sin)
         k = rope.apply_vision_rotary(k, cos, sin)
         o = attention(q, k, v, segment_ids, segment_ids, causal=False, scale=c.head_dim ** -0.5,

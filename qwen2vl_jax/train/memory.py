@@ -1,6 +1,6 @@
 """Per-chip memory of a training run, estimated from the run config and the model's param shapes (nothing
 is allocated or compiled). The TPU compiler's own figure (`train.py ... compile_for=SLICE`, aot.py) is the
-one to plan with: this estimate runs 1-30% below it, most where the ViT trains under dots_no_batch
+one to plan with; this estimate is within 6% of it on the nine shipped Qwen2-VL stage configs
 (docs/memory.md).
 
     python -m qwen2vl_jax.train.memory configs/stage2_7b.yaml [--devices N] [key=value ...]
@@ -12,14 +12,18 @@ Counts, per chip:
   per param, bfloat16: 2);
 - grads: float32 gradients of the trainable parts (twice with grad_accum > 1: the accumulator and the
   micro-batch's gradient);
+- grad_temps: two more float32 copies of the trainable parts, which the compiler's buffer assignment holds
+  while the backward scans stack the per-layer gradients and add them in;
 - batch: this chip's rows of the stacked batch;
 - activations: what the backward pass keeps across the scanned layers under the remat policy, from the
   model's own matmuls (matmuls.py): the layer inputs with `full`; every weight matmul's output with
   `dots_no_batch` (and the attention output with `dots`); everything with `none`; for this chip's rows, each
-  width split where its param's output axis maps onto `tensor`; nothing for a frozen ViT;
+  width split where its param's output axis maps onto `tensor`; a training ViT's stack twice (the compiler
+  holds a second buffer of it for the backward scan); nothing for a frozen ViT;
 - transient: the largest single-layer working set while one layer's backward runs (its activations and
   their gradients, the dense L x L attention scores when attention is the `xla` kind, one layer's weights
-  gathered in the compute dtype), or one chunk of logits with the gathered LM head and its gradient.
+  gathered in the compute dtype), or one chunk of logits with the gathered LM head (its gradient stays
+  sharded).
 """
 
 from __future__ import annotations
@@ -86,8 +90,11 @@ def state_bytes(config: Qwen2VLConfig, parts, sizes: dict[str, int], grad_accum:
                             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, _ = optim.split(per_leaf, parts)
     p, t = sum(jax.tree.leaves(stored)), sum(jax.tree.leaves(trainable))
+    # The compiler's buffer assignment holds each trained stacked weight's float32 gradient four times over
+    # with grad_accum > 1 (docs/memory.md): the accumulator and the micro-batch's gradient (`grads`), and two
+    # more while the backward scans stack the per-layer gradients and add them in (`grad_temps`).
     return {"params": p, "optimizer": 2 * t * MOMENT_BYTES[moments_dtype] / 4,
-            "grads": t * (2 if grad_accum > 1 else 1)}
+            "grads": t * (2 if grad_accum > 1 else 1), "grad_temps": 2 * t}
 
 
 def _act_shards(axis, sizes) -> int:
@@ -147,7 +154,10 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     parts = param_groups(cfg).parts()   # the parts that train, in whole or through adapters
     vit_kept = "vit" in parts
     merger_kept = vit_kept or "merger" in parts
-    saved = (tc.num_hidden_layers * kept_t * text_tokens + vit_kept * vc.depth * kept_v * patches) * b
+    # A training ViT's saved stack is held twice in the compiler's figure: the forward scan's stacked
+    # residuals and a second buffer of the same size that the backward scan reads them from (measured on
+    # the nine shipped configs, docs/memory.md; the LLM's stack is held once).
+    saved = (tc.num_hidden_layers * kept_t * text_tokens + 2 * vit_kept * vc.depth * kept_v * patches) * b
     merger = merger_kept * patches / vc.merge_unit * sum(
         m.shape[0] + m.shape[-1] / _act_shards(m.out_axis, sizes) for m in matmuls(config) if m.part == "merger") * b
     # Dense attention materialises (rows, heads/t, L, L) f32 scores; under `none`/`dots` every layer keeps them.
@@ -156,8 +166,10 @@ def activation_bytes(cfg: RunConfig, config: Qwen2VLConfig, sizes: dict[str, int
     if dense and policy in ("none", "dots"):
         saved += tc.num_hidden_layers * 2 * scores_t + vit_kept * vc.depth * 2 * scores_v
     vocab = tc.vocab_size / t
-    # the LM head (or tied embedding) gathered over fsdp in the compute dtype, and its float32 gradient
-    head = vocab * tc.hidden_size * (b + 4 * ("llm" in parts))
+    # the LM head (or tied embedding) gathered over fsdp in the compute dtype; its float32 gradient is
+    # reduce-scattered chunk by chunk and stays sharded (the compiler's buffer assignment for stage2_7b holds
+    # bf16[3584,38016] gathered and only f32[224,38016] gradients)
+    head = vocab * tc.hidden_size * b
     if cfg.loss_chunk:
         logits_kept = text_tokens * tc.hidden_size * b
         logits_transient = rows * cfg.loss_chunk * vocab * (b + 4 + 4) + head
