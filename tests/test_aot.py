@@ -123,19 +123,15 @@ def test_heads_split_over_the_tensor_axis_in_the_compiled_step():
     import dataclasses
     import re
     from qwen2vl_jax import config as C, sharding
-    from qwen2vl_jax.train import loop
-    from qwen2vl_jax.train.state import abstract_state
 
     t = C.tiny()
     config = dataclasses.replace(t, text=dataclasses.replace(t.text, num_attention_heads=8, num_key_value_heads=4,
                                                             mrope_section=(1, 1, 2)))
-    cfg = aot.for_tpu(load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4",
-                                  "dtype=bfloat16", "attn_impl=splash"]))
+    cfg = load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4", "dtype=bfloat16",
+                      "attn_impl=splash", "data.buckets=[[512, 0]]"])   # text rows only: the LLM's attention
     mesh = sharding.make_mesh(1, 2, 4, devices=aot.tpu_devices(aot.parse_slice("v5p:2x2x2")))
-    built = loop.build(cfg, config, mesh)
-    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
-    batch = aot.abstract_batch(config, 2, 1, 512, 0, built.step_fn)   # text rows only: the LLM's attention
-    hlo = built.step_fn.lower(state, batch).compile().as_text()
+    [(_, compiled, _)] = aot.compiled_steps(cfg, mesh, config)
+    hlo = compiled.as_text()
     hd = config.text.head_dim
     kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
     outs = {name: re.search(r"bf16\[(\d+),512,%d\]" % hd, line).group(1)
@@ -154,19 +150,15 @@ def test_vit_heads_split_over_the_tensor_axis_in_the_compiled_step():
     import dataclasses
     import re
     from qwen2vl_jax import config as C, sharding
-    from qwen2vl_jax.train import loop
-    from qwen2vl_jax.train.state import abstract_state
 
     t = C.tiny()
     config = dataclasses.replace(t, vision=dataclasses.replace(t.vision, embed_dim=64, num_heads=8))
-    cfg = aot.for_tpu(load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4",
-                                  "dtype=bfloat16", "attn_impl=splash", "remat=dots_no_batch"]))
+    P, hd = 512, config.vision.head_dim
+    cfg = load(None, ["model=tiny", "data.batch_size=2", "mesh.fsdp=2", "mesh.tensor=4", "dtype=bfloat16",
+                      "attn_impl=splash", "remat=dots_no_batch", f"data.buckets=[[256, {P}]]"])
     mesh = sharding.make_mesh(1, 2, 4, devices=aot.tpu_devices(aot.parse_slice("v5p:2x2x2")))
-    built = loop.build(cfg, config, mesh)
-    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
-    P, E, hd = 512, config.vision.embed_dim, config.vision.head_dim
-    batch = aot.abstract_batch(config, 2, 1, 256, P, built.step_fn)
-    hlo = built.step_fn.lower(state, batch).compile().as_text()
+    [(_, compiled, _)] = aot.compiled_steps(cfg, mesh, config)
+    hlo = compiled.as_text()
     kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
     outs = {name: m.group(1) for line in kernels for name in ("fwd", "dq", "dkv") if f"splash_mha_{name}" in line
             for m in [re.search(r"bf16\[(\d+),%d,%d\]" % (P, hd), line)] if m}
@@ -190,18 +182,35 @@ def test_memory_estimate_within_10_percent_of_the_compiler(config, overrides):
     import dataclasses
     from qwen2vl_jax import sharding
     from qwen2vl_jax.train import loop, memory
-    from qwen2vl_jax.train.state import abstract_state
 
-    cfg = aot.for_tpu(load(os.path.join(ROOT, "configs", f"{config}.yaml"), overrides))
+    cfg = load(os.path.join(ROOT, "configs", f"{config}.yaml"), overrides)
     sl = aot.parse_slice("v5p-32")
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=aot.tpu_devices(sl))
-    c = loop.model_config(cfg)
+    c = loop.model_config(aot.for_tpu(cfg))
     c = dataclasses.replace(c, vision=dataclasses.replace(c.vision, depth=2),
                             text=dataclasses.replace(c.text, num_hidden_layers=2))
-    built = loop.build(cfg, c, mesh)
-    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
-    (L, P), = cfg.data.buckets
-    batch = aot.abstract_batch(c, cfg.data.batch_size, cfg.grad_accum, L, P, built.step_fn)
-    compiler = aot.memory(built.step_fn.lower(state, batch).compile())["total"] / aot.GiB
-    estimate = memory.estimate(cfg, sl.chips, c)["total"]
+    [(_, compiled, _)] = aot.compiled_steps(cfg, mesh, c)
+    compiler = aot.memory(compiled)["total"] / aot.GiB
+    estimate = memory.estimate(aot.for_tpu(cfg), sl.chips, c)["total"]
     assert 0.9 <= estimate / compiler <= 1.1, (estimate, compiler)
+
+
+def test_steps_are_traced_with_the_target_platforms_code_paths():
+    """On this CPU host a Dense layer takes the CPU-only weight-gradient VJP; traced for a TPU (as
+    compile_for traces the step) it is the plain dot a TPU host runs."""
+    import jax
+    import jax.numpy as jnp
+    from qwen2vl_jax import target
+    from qwen2vl_jax.model import layers
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+    traced = lambda: str(jax.make_jaxpr(lambda x, w: layers.linear(x, w, (((1,), (0,)), ((), ()))))(x, w))
+    assert target.platform() == jax.default_backend() == "cpu"
+    assert "custom_vjp" in traced()
+    with target.tracing_for("tpu"):
+        assert target.platform() == "tpu"
+        assert "custom_vjp" not in traced()
+    assert target.platform() == "cpu"
+    with pytest.raises(ValueError, match="unknown platform"):
+        with target.tracing_for("tpu7"):
+            pass

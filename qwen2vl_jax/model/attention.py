@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from qwen2vl_jax import target
 from qwen2vl_jax.model.blockwise import blockwise_attention
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite, so fully masked (padding) rows stay NaN-free
@@ -86,7 +87,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, scale: fl
     if max_segment_len is None and causal:
         max_segment_len = _SEGMENT_BOUND.get()
     if impl == "auto":
-        platform = jax.default_backend()
+        platform = target.platform()
         if cached:
             impl = "xla"
         elif platform == "tpu":

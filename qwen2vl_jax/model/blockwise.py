@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qwen2vl_jax import target
+
 
 def _pad(x, n, axis=1):
     extra = -x.shape[axis] % n
@@ -184,7 +186,7 @@ def default_block(heads: int, head_dim: int) -> int:
     28-30 ms at 32, 32-34 at 64, 50 at 128. Rows of one 1024-patch image, 16 heads x 80: 610 ms at 128,
     742 at 64.
     """
-    if jax.default_backend() != "cpu":
+    if target.platform() != "cpu":
         return 512
     width = heads * head_dim
     return 32 if width <= 256 else 64 if width < 512 else 128

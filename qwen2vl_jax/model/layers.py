@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qwen2vl_jax import target
+
 Dtype = Any
 
 
@@ -33,7 +35,7 @@ def linear(x, w, dimension_numbers, precision=None, preferred_element_type=None)
     plain = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
                               preferred_element_type=preferred_element_type)
     dense_pattern = dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and w.ndim == 2
-    if not dense_pattern or jax.default_backend() != "cpu":
+    if not dense_pattern or target.platform() != "cpu":
         return plain(x, w)
     return checkpoint_name(_linear_cpu(x, w, precision, preferred_element_type), "linear")
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax import sharding
+from qwen2vl_jax import sharding, target
 from qwen2vl_jax.train.config import RunConfig, RunConfigError
 
 GiB = 2 ** 30
@@ -129,10 +129,30 @@ def memory(compiled) -> dict:
     return out
 
 
-def compile_for(cfg: RunConfig, slice_name: str, log=print) -> dict:
-    """Compile `cfg`'s train step for `slice_name` once per bucket; returns the JSON-able verdict."""
+def compiled_steps(cfg: RunConfig, mesh, config=None, each=None) -> list:
+    """The run's own train step (loop.build) for the TPU devices of `mesh`, compiled once per bucket of
+    `cfg.data.buckets`: [((text_len, patch_len), compiled, seconds)]. `auto` settings resolve as on a TPU
+    host, and the step is traced with the TPU code paths (target.py), not this CPU host's. `config`: the
+    model config (default: the run's); `each(bucket, compiled, seconds)` is called as each one is done."""
     from qwen2vl_jax.train import loop
     from qwen2vl_jax.train.state import abstract_state
+    cfg = for_tpu(cfg)
+    out = []
+    with target.tracing_for("tpu"):
+        config = config or loop.model_config(cfg)
+        built = loop.build(cfg, config, mesh)
+        state = abstract_state(built.module, built.tx, built.parts, built.shardings)
+        for text_len, patch_len in cfg.data.buckets:
+            batch = abstract_batch(config, cfg.data.batch_size, cfg.grad_accum, text_len, patch_len, built.step_fn)
+            t0 = time.perf_counter()
+            out.append(((text_len, patch_len), built.step_fn.lower(state, batch).compile(), time.perf_counter() - t0))
+            if each:
+                each(*out[-1])
+    return out
+
+
+def compile_for(cfg: RunConfig, slice_name: str, log=print) -> dict:
+    """Compile `cfg`'s train step for `slice_name` once per bucket; returns the JSON-able verdict."""
     sl = parse_slice(slice_name)
     if cfg.data.buckets == "auto":
         raise RunConfigError("compile_for needs the row shapes: give data.buckets (a run with buckets: auto prints "
@@ -147,21 +167,16 @@ def compile_for(cfg: RunConfig, slice_name: str, log=print) -> dict:
         batches.check_rows(cfg.data.batch_size, mesh)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
-    cfg = for_tpu(cfg)
-    config = loop.model_config(cfg)
-    built = loop.build(cfg, config, mesh)
-    state = abstract_state(built.module, built.tx, built.parts, built.shardings)
     programs = []
-    for text_len, patch_len in cfg.data.buckets:
-        batch = abstract_batch(config, cfg.data.batch_size, cfg.grad_accum, text_len, patch_len, built.step_fn)
-        t0 = time.perf_counter()
-        compiled = built.step_fn.lower(state, batch).compile()
+
+    def each(bucket, compiled, seconds):
         mem = memory(compiled)
-        programs.append({"program": "train_step", "bucket": [text_len, patch_len],
-                         "compile_s": round(time.perf_counter() - t0, 1),
+        programs.append({"program": "train_step", "bucket": list(bucket), "compile_s": round(seconds, 1),
                          **{f"{k}_gib": round(v / GiB, 3) for k, v in mem.items()}})
-        log(f"compiled train_step for {sl.topology}, bucket {[text_len, patch_len]}: "
+        log(f"compiled train_step for {sl.topology}, bucket {list(bucket)}: "
             f"{mem['total'] / GiB:.2f} GiB per chip in {programs[-1]['compile_s']} s")
+    compiled_steps(cfg, mesh, each=each)
+    cfg = for_tpu(cfg)
     worst = max(programs, key=lambda p: p["total_gib"])
     hbm = sl.hbm_bytes / GiB
     return {"compile_for": sl.name, "topology": sl.topology, "chips": sl.chips, "device_kind": devices[0].device_kind,

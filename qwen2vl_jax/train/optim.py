@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qwen2vl_jax import target
 from qwen2vl_jax.train.config import GroupConfig, OptimConfig
 
 # The three parts of the model as rules: the ViT (patch embedding + blocks), the 2x2 merger, the LLM.
@@ -322,7 +323,7 @@ def fused_update(tx: Optimizer, grads: dict, opt_state: optax.ScaleByAdamState, 
         # from before it. The sums are the same but for rounding (a few ulp; bf16 storage: the same bits).
         # CPU only: on a sharded TPU/GPU param the element would be a cross-device read per leaf, and
         # those backends' memory was not measured with it; they keep optax's expressions.
-        if jax.default_backend() != "cpu":
+        if target.platform() != "cpu":
             m_keep, v_keep = m, v
         else:
             first = new_p.reshape(-1)[0].astype(jnp.float32)
