@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2vl_jax import target
 from qwen2vl_jax.config import VisionConfig
 from qwen2vl_jax.model import rope
 from qwen2vl_jax.model.attention import attention
@@ -39,7 +40,8 @@ class FusedQKV(nn.Dense):
     axis (`vit_heads`) as the LLM's q/k/v do: a contiguous split of the fused 3E output
     would give a chip a mix of q, k and v heads, and the split into q/k/v would then all-gather the whole
     qkv over `tensor` per layer. Here the kernel is read as (E, 3, E) with the last axis over `tensor`, one
-    dot gives (..., 3, E) and only the weight (E x 3E / tensor per chip) moves, once per layer.
+    dot gives (..., 3, E) and only the weight (E x 3E / tensor per chip) moves, once per layer. On the CPU
+    it is one (E, 3E) dot through `layers.linear` (the weight gradient XLA:CPU computes fastest).
     Returns (q, k, v), each (B, P, E)."""
 
     @nn.compact
@@ -48,6 +50,10 @@ class FusedQKV(nn.Dense):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
         e, n = x.shape[-1], self.features // 3
+        if target.platform() == "cpu":   # one (E, 3E) dot, through `linear`'s CPU weight gradient
+            y = linear(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+            y = (y if bias is None else y + bias).reshape(*y.shape[:-1], 3, n)
+            return y[..., 0, :], y[..., 1, :], y[..., 2, :]
         # (E, 3E) -> (E, 3, E): q, k, v side by side, each one's heads over `tensor`
         w = nn.with_logical_constraint(kernel.reshape(e, 3, n), ("vit_embed", None, "vit_heads"))
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
