@@ -13,7 +13,10 @@ random weights are made one tensor at a time, so the peak is the step's, not a f
 
     python benchmarks/lora_memory.py [--model 2b|bench] [--repeats 3] [--ours none,int8,nf4] [--ref-dtypes float32,bfloat16]
 
-Prints one JSON line: memory and time ratios to the float32 peft step first, then each setting's figures.
+Prints one JSON line: memory and time ratios to the float32 and the bfloat16 peft step first, then each
+setting's figures (ours also: RSS right after compiling the step, XLA's temp buffer for it, compile time).
+`--remat full` (the default) rematerialises each block on both sides (ours `remat="full"`, transformers'
+gradient checkpointing): without it the 2B's saved activations alone outgrow the memory of a small machine.
 
 Measured (`--model bench --repeats 1 --ours none,nf4 --ref-dtypes float32`, AMD EPYC 2 cores with AVX-512,
 load average 9.7 from other work, so the times are loose): peak RSS ours bf16 6.96 GB, nf4 6.25 GB, peft
@@ -36,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 TEXT_TOKENS, IMAGE, RANK, ALPHA = 512, 448, 8, 16.0
+LOSS_CHUNK = 154   # ours: text positions per head + loss chunk (512 text + 258 vision tokens = 5 x 154)
 OUR_TARGETS = r"^(model/layers/|visual/blocks/|visual/merger/)"
 PEFT_TARGETS = r".*(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|attn\.(qkv|proj)|blocks\.\d+\.mlp\.fc[12]|merger\.mlp\.[02])"
 
@@ -57,6 +61,11 @@ def inputs(cfg):
     text = rng.integers(100, min(150000, cfg.text.vocab_size - 100), TEXT_TOKENS).tolist()
     ids = text[:256] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id] + text[256:]
     return np.asarray([ids], np.int64), pv, grid
+
+
+def rss_now_gb():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 2 ** 20
 
 
 def peak_rss_gb():
@@ -100,15 +109,21 @@ def random_params(cfg, adapter, seed=0):
                 fn = jax.jit(lambda k: quant.quantize(jax.random.normal(k, s.shape, jnp.float32) * 0.02,
                                                       adapter.quant, adapter.quant_group))
                 node.update(jax.block_until_ready(fn(jax.random.fold_in(key, i))))
-            else:
-                fn = jax.jit(lambda k: (jax.random.normal(k, s.shape, jnp.float32) * 0.02).astype(dt))
-                node[name] = jax.block_until_ready(fn(jax.random.fold_in(key, i)))
+            else:   # in row blocks of <= 16M values: a float32 embedding and its random bits are never whole
+                rows = max(1, min(s.shape[-2], (1 << 24) // max(1, s.shape[-1])))
+                fn = jax.jit(lambda k, n: (jax.random.normal(k, (*s.shape[:-2], n, s.shape[-1]), jnp.float32)
+                                           * 0.02).astype(dt), static_argnums=1)
+                k0 = jax.random.fold_in(key, i)
+                parts = [jax.block_until_ready(fn(jax.random.fold_in(k0, j), min(rows, s.shape[-2] - r)))
+                         for j, r in enumerate(range(0, s.shape[-2], rows))]
+                node[name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
+                del parts
         else:
             node[name] = (jnp.ones if name == "scale" else jnp.zeros)(s.shape, jnp.float32)
     return lora.add_adapters(out, adapter, jax.random.fold_in(key, 10 ** 6))
 
 
-def run_ours(model, quant_fmt, repeats):
+def run_ours(model, quant_fmt, repeats, remat):
     import jax
     import jax.numpy as jnp
 
@@ -123,7 +138,7 @@ def run_ours(model, quant_fmt, repeats):
     cfg = model_config(model)
     adapter = lora.Adapter(r=RANK, alpha=ALPHA, targets=OUR_TARGETS, quant=quant_fmt, quant_group=64,
                            base_dtype="bfloat16")
-    module = lora.adapted(Qwen2VLModule(cfg, dtype=jnp.float32, param_dtype=jnp.float32), adapter)
+    module = lora.adapted(Qwen2VLModule(cfg, dtype=jnp.float32, param_dtype=jnp.float32, remat=remat), adapter)
     groups = optim.Groups(LORA_GROUPS)
     tx = optim.make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0), groups)
     mesh = sharding.make_mesh(1, -1, 1)
@@ -138,7 +153,13 @@ def run_ours(model, quant_fmt, repeats):
     batch["loss_mask"] = np.ones(ids.shape, np.float32)
     batch["loss_mask"][:, -1] = 0.0
     batch = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-    step_fn = StepFn(mesh, shardings, module=module, tx=tx)
+    # The head and the loss over LOSS_CHUNK positions at a time (the 770 positions divide by it).
+    step_fn = StepFn(mesh, shardings, module=module, tx=tx, loss_chunk=LOSS_CHUNK)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s, rss_compiled = time.perf_counter() - t0, rss_now_gb()
+    temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
+    del compiled
     box = [state]
 
     def step():
@@ -146,10 +167,11 @@ def run_ours(model, quant_fmt, repeats):
         jax.block_until_ready(m["loss"])
     t = timed(step, repeats)
     n_base = sum(x.nbytes for x in jax.tree.leaves(optim.split(box[0].params, groups)[1]))
-    return {"step_s": t, "peak_gb": peak_rss_gb(), "base_gb": n_base / 2 ** 30}
+    return {"step_s": t, "peak_gb": peak_rss_gb(), "base_gb": n_base / 2 ** 30, "rss_after_compile_gb": rss_compiled,
+            "xla_temp_gb": temp_gb, "compile_s": compile_s}
 
 
-def run_ref(model, dtype, repeats):
+def run_ref(model, dtype, repeats, remat):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
@@ -161,6 +183,8 @@ def run_ref(model, dtype, repeats):
     hfc._attn_implementation = "sdpa"
     base = Qwen2VLForConditionalGeneration(hfc)
     torch.set_default_dtype(torch.float32)
+    if remat == "full":   # the same rematerialisation as ours: each block's activations recomputed
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_ = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS)).train()
     ids, pv, grid = inputs(cfg)
     ids_t, pv_t, grid_t = torch.tensor(ids), torch.from_numpy(pv).to(torch_dtype), torch.tensor(grid)
@@ -177,8 +201,9 @@ def run_ref(model, dtype, repeats):
 
 
 def child(argv):
-    side, model, what, repeats = argv
-    out = run_ours(model, what, int(repeats)) if side == "ours" else run_ref(model, what, int(repeats))
+    side, model, what, repeats, remat = argv
+    run = run_ours if side == "ours" else run_ref
+    out = run(model, what, int(repeats), remat)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -188,12 +213,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ours", default="none,int8,nf4")
     ap.add_argument("--ref-dtypes", default="float32,bfloat16")
+    ap.add_argument("--remat", default="full", choices=["none", "full"],
+                    help="both sides: blocks rematerialised (ours remat=full, transformers' gradient checkpointing)")
     a = ap.parse_args()
     from machine import machine
     runs = [("ours", q) for q in a.ours.split(",") if q] + [("peft", d) for d in a.ref_dtypes.split(",") if d]
     res = {}
     for side, what in runs:
-        p = subprocess.run([sys.executable, __file__, "--child", side, a.model, what, str(a.repeats)],
+        p = subprocess.run([sys.executable, __file__, "--child", side, a.model, what, str(a.repeats), a.remat],
                            capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode or not line:
@@ -201,15 +228,17 @@ def main():
             continue
         res[f"{side}_{what}"] = json.loads(line[0][len("RESULT "):])
         print(f"{side} {what}: {res[f'{side}_{what}']}", file=sys.stderr, flush=True)
-    ref = res.get("peft_float32", {})
     ratios = {}
-    for k, v in res.items():
-        if k.startswith("ours") and "peak_gb" in v and "peak_gb" in ref:
-            name = {"ours_none": "bf16", "ours_int8": "int8", "ours_nf4": "nf4"}.get(k, k)
-            ratios[f"memory_ratio_{name}"] = round(v["peak_gb"] / ref["peak_gb"], 3)
-            ratios[f"time_ratio_{name}"] = round(v["step_s"] / ref["step_s"], 3)
+    for rname in ("float32", "bfloat16"):
+        ref = res.get(f"peft_{rname}", {})
+        for k, v in res.items():
+            if k.startswith("ours") and "peak_gb" in v and "peak_gb" in ref:
+                name = {"ours_none": "bf16", "ours_int8": "int8", "ours_nf4": "nf4"}.get(k, k)
+                tag = {"float32": "f32", "bfloat16": "bf16"}[rname]
+                ratios[f"memory_ratio_{name}_vs_peft_{tag}"] = round(v["peak_gb"] / ref["peak_gb"], 3)
+                ratios[f"time_ratio_{name}_vs_peft_{tag}"] = round(v["step_s"] / ref["step_s"], 3)
     print(json.dumps({**ratios, "model": a.model, "text_tokens": TEXT_TOKENS, "image": IMAGE, "rank": RANK,
-                      "settings": res, **machine()}))
+                      "remat": a.remat, "loss_chunk": LOSS_CHUNK, "settings": res, **machine()}))
 
 
 if __name__ == "__main__":
