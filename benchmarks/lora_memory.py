@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -108,10 +109,15 @@ def random_params(cfg, adapter, seed=0):
         if name in ("kernel", "embedding"):
             q = (name == "kernel" and adapter.quant != "none" and lora.ADAPTABLE.match("/".join(mod))
                  and mod != ("lm_head",))
-            if q:
-                fn = jax.jit(lambda k: quant.quantize(jax.random.normal(k, s.shape, jnp.float32) * 0.02,
+            if q:   # one layer of a stack at a time (each layer's codes and scales are its own)
+                fn = jax.jit(lambda k: quant.quantize(jax.random.normal(k, s.shape[-2:], jnp.float32) * 0.02,
                                                       adapter.quant, adapter.quant_group))
-                node.update(jax.block_until_ready(fn(jax.random.fold_in(key, i))))
+                k0 = jax.random.fold_in(key, i)
+                layers = [jax.block_until_ready(fn(jax.random.fold_in(k0, j)))
+                          for j in range(math.prod(s.shape[:-2]))]
+                node.update({n: jnp.stack([l[n] for l in layers]).reshape(*s.shape[:-2], *layers[0][n].shape)
+                             for n in layers[0]})
+                del layers
             else:   # in row blocks of <= 16M values: a float32 embedding and its random bits are never whole
                 rows = max(1, min(s.shape[-2], (1 << 24) // max(1, s.shape[-1])))
                 fn = jax.jit(lambda k, n: (jax.random.normal(k, (*s.shape[:-2], n, s.shape[-1]), jnp.float32)
@@ -149,6 +155,7 @@ def run_ours(model, quant_fmt, repeats, remat, warmup=1):
     params = random_params(cfg, adapter)
     state = S.init_state(module, tx, groups, shardings, 0, params)
     del params
+    peak_init = peak_rss_gb()
     ids, pv, grid = inputs(cfg)
     batch, _ = batch_from_hf(cfg, ids, None, pv, grid)
     batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
@@ -159,7 +166,7 @@ def run_ours(model, quant_fmt, repeats, remat, warmup=1):
     step_fn = StepFn(mesh, shardings, module=module, tx=tx, loss_chunk=LOSS_CHUNK)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
-    compile_s, rss_compiled = time.perf_counter() - t0, rss_now_gb()
+    compile_s, rss_compiled, peak_compiled = time.perf_counter() - t0, rss_now_gb(), peak_rss_gb()
     temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2 ** 30
     box = [state]
 
@@ -169,7 +176,8 @@ def run_ours(model, quant_fmt, repeats, remat, warmup=1):
     t = timed(step, repeats, warmup)
     n_base = sum(x.nbytes for x in jax.tree.leaves(optim.split(box[0].params, groups)[1]))
     return {"step_s": t, "peak_gb": peak_rss_gb(), "base_gb": n_base / 2 ** 30, "rss_after_compile_gb": rss_compiled,
-            "xla_temp_gb": temp_gb, "compile_s": compile_s}
+            "peak_after_init_gb": peak_init, "peak_after_compile_gb": peak_compiled, "xla_temp_gb": temp_gb,
+            "compile_s": compile_s}
 
 
 def run_ref(model, dtype, repeats, remat, warmup=1):
