@@ -9,7 +9,8 @@ donated), the frozen base stored in bfloat16, int8 or nf4 (group 64), compute fl
 on transformers 4.57.6, the base in float32 (transformers' CPU default) and in bfloat16 (`--ref-dtypes`),
 model(labels=...).loss, backward, torch.optim.AdamW over the adapters. Each setting runs in its own
 subprocess, so its peak RSS (ru_maxrss: weights, compile, activations, everything) is its own; a setting's
-random weights are made one tensor at a time, so the peak is the step's, not a full-precision init's.
+random weights are made one layer (quantised) or one block of rows at a time, so the peak is the step's, not
+a full-precision init's, and peft's bfloat16 model is built in bfloat16 throughout (LLM included).
 
     python benchmarks/lora_memory.py [--model 2b|bench] [--repeats 3] [--warmup 1] [--remat full|none]
         [--ours none,int8,nf4] [--ref-dtypes float32,bfloat16]
@@ -19,11 +20,15 @@ setting's figures (ours also: RSS right after compiling the step, XLA's temp buf
 `--remat full` (the default) rematerialises each block on both sides (ours `remat="full"`, transformers'
 gradient checkpointing): without it the 2B's saved activations alone outgrow the memory of a small machine.
 
-Measured (`--model bench --repeats 1 --ours none,nf4 --ref-dtypes float32`, AMD EPYC 2 cores with AVX-512,
-load average 9.7 from other work, so the times are loose): peak RSS ours bf16 6.96 GB, nf4 6.25 GB, peft
-float32 6.75 GB (memory ratios 1.03 and 0.93); step 121 s, 108 s and 80 s (time ratios 1.52 and 1.35).
-At this size the base (1.08 GB bf16, 0.67 GB nf4, 2.17 GB f32 in peft) is not what dominates the peak; the
-2B run (the default) was not made on that shared machine.
+Measured (`--model 2b --repeats 1 --warmup 0`, AMD EPYC, 2 cores with AVX-512, shared: load average 4-10
+from other work, so the times are loose; each setting alone in its subprocess): peak RSS ours int8 5.91 GB,
+nf4 5.07 GB, bf16 11.30 GB; peft float32 15.24 GB, bfloat16 8.69 GB. Memory ratios to peft float32: int8
+0.39, nf4 0.33, bf16 0.74; to peft bfloat16: 0.68, 0.58, 1.30. Steps at load ~5: int8 154 s, nf4 160 s, peft
+float32 136 s, bfloat16 137 s (time ratios 1.13 and 1.17 to either); bf16 405 s at load ~10, when
+peft float32 took 257 s (1.58). Ours after compiling: the base (int8 2.28 GB, nf4 1.47 GB, bf16 4.12 GB) +
+~1.2 GB, and XLA's temp buffer of the step 2.25 GB (int8, nf4: mostly the tied head's float32 embedding, 0.93
+GB, and the float32 logits over the 151,936-token vocabulary) or 5.86 GB (bf16: + the uint16 view of the
+stacked bf16 kernels, which XLA:CPU cannot slice in the layer loop, 3.9 GB).
 """
 
 from __future__ import annotations
@@ -190,6 +195,8 @@ def run_ref(model, dtype, repeats, remat, warmup=1):
     torch.set_default_dtype(torch_dtype)   # random weights made straight in the run's dtype
     hfc = HFConfig(**cfg.to_hf_dict())
     hfc._attn_implementation = "sdpa"
+    for sub in (hfc, hfc.text_config, hfc.vision_config):   # else transformers builds the LLM in float32
+        sub.dtype = torch_dtype
     base = Qwen2VLForConditionalGeneration(hfc)
     torch.set_default_dtype(torch.float32)
     if remat == "full":   # the same rematerialisation as ours: each block's activations recomputed
