@@ -138,3 +138,33 @@ def test_dropout_masks_differ_per_layer():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     no_dropout = np.asarray(model.packed_logits(batch))   # inference: no rng, no dropout
     assert not np.array_equal(a, no_dropout)
+
+
+@pytest.mark.parametrize("fmt", ["none", "int8", "nf4"])
+def test_train_step_keeps_no_float_copy_of_the_frozen_base(fmt):
+    """The compiled LoRA step over a bf16 / int8 / nf4 base: no float32 array of a stacked base kernel's
+    shape anywhere (neither a dequantised / upcast copy of the stack nor the per-layer float kernels saved
+    for the backward pass), and no dot that makes a base kernel's gradient."""
+    cfg = tiny_config()
+    # Groups of 16 rows: no 4-bit (groups, rows, out) intermediate has a stacked kernel's shape either.
+    adapter = lora.Adapter(r=4, targets="all-linear", quant=fmt, quant_group=16, base_dtype="bfloat16")
+    module = lora.adapted(Qwen2VLModule(cfg), adapter)
+    groups = optim.Groups(LORA_GROUPS)
+    tx = optim.make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0), groups)
+    mesh = sharding.make_mesh(1, 1, 1)
+    sh = S.state_shardings(module, tx, groups, mesh)
+    state = S.init_state(module, tx, groups, sh, seed=0,
+                         params=lora.build(api.Qwen2VL.init(cfg, seed=0).params, adapter, jax.random.key(1)))
+    # One row of 48 patches: no activation has a stacked kernel's shape.
+    batch = {k: jnp.asarray(v) for k, v in stack_micro_batches([packed(cfg, 2, 1, seed=2, patch_len=48)]).items()}
+    hlo = StepFn(mesh, sh, module=module, tx=tx).lower(state, batch).compile().as_text()
+    t, v = cfg.text, cfg.vision
+    n, e, d, i = t.num_hidden_layers, v.embed_dim, t.hidden_size, t.intermediate_size
+    stacked = [(n, d, i), (n, i, d), (v.depth, e, v.mlp_dim), (v.depth, v.mlp_dim, e)]
+    for s in stacked:
+        assert f"f32[{','.join(map(str, s))}]" not in hlo, s
+    # A weight gradient is a dot whose output has a kernel's (in, out) shape.
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots
+    for s in stacked:
+        assert not [x for x in dots if f"= f32[{s[1]},{s[2]}]" in x], s
