@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax import quant
+from qwen2vl_jax import quant, target
 from qwen2vl_jax.model.qwen2vl import Qwen2VLModule
 
 # Dense layers that may take an adapter (paths in the params tree). The patch embedding is a Conv3d in the
@@ -300,7 +301,7 @@ class AdaptedModule(Qwen2VLModule):
     adapter: Adapter = Adapter()
 
     def apply(self, variables, *args, **kwargs):
-        if jax.default_backend() == "cpu" and "params" in variables:
+        if target.platform() == "cpu" and "params" in variables:
             variables = {**variables, "params": _bf16_bits(variables["params"])}
         with nn.intercept_methods(_interceptor(self.adapter)):
             return super().apply(variables, *args, **kwargs)
