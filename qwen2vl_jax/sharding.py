@@ -162,6 +162,16 @@ class HostFailed(RuntimeError):
     raises this with the same line, the failing one with its exception as the cause."""
 
 
+def try_get(client, key: str) -> str | None:
+    """The coordination service's value under `key`, or None while no host has set it."""
+    try:
+        return client.key_value_try_get(key)
+    except Exception as e:
+        if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+            return None
+        raise
+
+
 class _Hosts:
     """The coordination service's client, this host's index and the number of hosts; `None` for one process."""
 
@@ -171,12 +181,7 @@ class _Hosts:
         self.settled = False         # this host's main thread has taken a verdict (the watcher stays quiet)
 
     def get(self, key: str) -> str | None:
-        try:
-            return self.client.key_value_try_get(key)
-        except Exception as e:
-            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-                return None
-            raise
+        return try_get(self.client, key)
 
 
 _hosts: _Hosts | None = None
@@ -392,12 +397,7 @@ class HostWatch:
             self._thread.start()
 
     def _get(self, key: str) -> str | None:
-        try:
-            return self.client.key_value_try_get(key)
-        except Exception as e:
-            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-                return None
-            raise
+        return try_get(self.client, key)
 
     def _lost(self, what: str) -> None:
         import os
