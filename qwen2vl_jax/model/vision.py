@@ -41,8 +41,8 @@ class FusedQKV(nn.Dense):
     would give a chip a mix of q, k and v heads, and the split into q/k/v would then all-gather the whole
     qkv over `tensor` per layer. Here the kernel is read as (E, 3, E) with the last axis over `tensor`, one
     dot gives (..., 3, E) and only the weight (E x 3E / tensor per chip) moves, once per layer. On the CPU
-    it is one (E, 3E) dot through `layers.linear` (the weight gradient XLA:CPU computes fastest).
-    Returns (q, k, v), each (B, P, E)."""
+    it is one (E, 3E) dot through `layers.linear` (the weight gradient XLA:CPU computes fastest), returned
+    fused, (B, P, 3E). Elsewhere returns (q, k, v), each (B, P, E)."""
 
     @nn.compact
     def __call__(self, x):
@@ -50,10 +50,9 @@ class FusedQKV(nn.Dense):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
         e, n = x.shape[-1], self.features // 3
-        if target.platform() == "cpu":   # one (E, 3E) dot, through `linear`'s CPU weight gradient
+        if target.platform() == "cpu":   # one (E, 3E) dot through `linear`'s CPU weight gradient: [q | k | v]
             y = linear(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-            y = (y if bias is None else y + bias).reshape(*y.shape[:-1], 3, n)
-            return y[..., 0, :], y[..., 1, :], y[..., 2, :]
+            return y if bias is None else y + bias
         # (E, 3E) -> (E, 3, E): q, k, v side by side, each one's heads over `tensor`
         w = nn.with_logical_constraint(kernel.reshape(e, 3, n), ("vit_embed", None, "vit_heads"))
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -88,7 +87,7 @@ class VisionBlock(nn.Module):
         qkv = fused_qkv(3 * e, name="qkv", **kw)(h)
         if isinstance(qkv, tuple):   # q, k, v (B, P, E) each, heads split over the tensor axis
             q, k, v = (y.reshape(b, p, c.num_heads, c.head_dim) for y in qkv)
-        else:   # an adapted or quantised qkv (lora.py computes it as one Dense): the fused output
+        else:   # the fused output (on the CPU, or an adapted / quantised qkv, which lora.py computes as one Dense)
             q, k, v = jnp.split(qkv.reshape(b, p, 3, c.num_heads, c.head_dim), 3, axis=2)
             q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q = rope.apply_vision_rotary(q, cos, sin)
