@@ -97,8 +97,7 @@ class Checkpoints:
         the latest)."""
         step = self.latest_step() if step is None else step
         step_path = epath.Path(self.directory) / str(step)
-        meta = ocp.PyTreeCheckpointHandler().metadata(step_path / "state")
-        meta = meta if isinstance(meta, dict) else meta.tree
+        meta = _state_metadata(str(step_path))
         if _old_parts(meta.get("opt_state")) is not None:
             state = restore_old_layout(str(step_path), meta, abstract)
             out = self.manager.restore(step, args=ocp.args.Composite(data=HostJsonRestore()))
@@ -279,11 +278,16 @@ def restore_params(path: str, shardings=None) -> tuple[Qwen2VLConfig, dict]:
     return config, restored["params"]
 
 
-def _params_metadata(d: str):
-    # The handler's metadata, not the checkpointer's: that one also looks for step metadata inside the item
-    # directory, where the manager never writes it, and logs a warning on every restore.
+def _state_metadata(d: str) -> dict:
+    """The metadata tree of step dir `d`'s train state. The handler's metadata, not the checkpointer's: that
+    one also looks for step metadata inside the item directory, where the manager never writes it, and logs
+    a warning on every restore."""
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(d) / "state")
-    return meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+    return meta if isinstance(meta, dict) else meta.tree
+
+
+def _params_metadata(d: str):
+    return _state_metadata(d)["params"]
 
 
 def param_shapes(path: str) -> dict:
